@@ -1,0 +1,44 @@
+"""lightning_eplb: expert-parallel load balancing for training MoE models with PyTorch Lightning.
+
+Public names are imported lazily so that ``import lightning_eplb`` stays cheap and a
+placement-only user never imports Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Placement": "lightning_eplb.placement",
+    "rebalance": "lightning_eplb.placement",
+    "migrate_experts": "lightning_eplb.migration",
+    "MigrationStats": "lightning_eplb.migration",
+    "plan_migration": "lightning_eplb.migration",
+    "ExpertParallelMoE": "lightning_eplb.moe",
+    "BalanceableMoE": "lightning_eplb.protocol",
+    "EplbCallback": "lightning_eplb.callback",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lightning_eplb.callback import EplbCallback
+    from lightning_eplb.migration import MigrationStats, migrate_experts, plan_migration
+    from lightning_eplb.moe import ExpertParallelMoE
+    from lightning_eplb.placement import Placement, rebalance
+    from lightning_eplb.protocol import BalanceableMoE
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lightning_eplb' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

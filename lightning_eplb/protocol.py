@@ -1,0 +1,73 @@
+"""The small protocol a MoE layer implements to be balanced by :class:`~lightning_eplb.EplbCallback`.
+
+Shapes: ``E`` logical experts, ``P`` physical slots, ``S = P // N`` local slots on each of the
+``N`` expert-parallel ranks, ``M = P - E + 1`` the widest possible replica list.
+
+A layer that satisfies :class:`BalanceableMoE` holds its experts stacked by local slot
+(every expert tensor has dim 0 of size ``S``), routes each token choice to one replica
+through ``logical_to_physical``, and counts every routed token copy in ``expert_load``.
+The callback reads the counters, computes a new placement, moves the expert tensors (and
+their optimizer state) with :func:`~lightning_eplb.migrate_experts`, then calls
+:meth:`BalanceableMoE.set_placement`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["BalanceableMoE"]
+
+
+@runtime_checkable
+class BalanceableMoE(Protocol):
+    """What :class:`~lightning_eplb.EplbCallback` needs from a MoE layer.
+
+    Attributes:
+        num_logical_experts: ``E``.
+        num_physical_experts: ``P`` (``E`` plus redundant slots).
+        physical_to_logical: ``(P,)`` int64 buffer, logical expert of each slot.
+        logical_to_physical: ``(E, M)`` int64 buffer, slots of each expert padded with -1.
+        logical_replica_count: ``(E,)`` int64 buffer, replicas of each expert.
+        expert_load: ``(P,)`` buffer counting the token copies this rank routed to each
+            slot since the last :meth:`reset_expert_load` (training-mode forwards only).
+    """
+
+    num_logical_experts: int
+    num_physical_experts: int
+    physical_to_logical: Tensor
+    logical_to_physical: Tensor
+    logical_replica_count: Tensor
+    expert_load: Tensor
+
+    def setup_expert_parallel(self, process_group: dist.ProcessGroup | None = None) -> None:
+        """Bind the expert-parallel group and keep only this rank's ``S`` slots.
+
+        Called by the callback in ``setup``, before the optimizer exists and before DDP
+        wraps the module. Idempotent. Must also exclude the expert tensors from DDP (the
+        callback adds them to ``_ddp_params_and_buffers_to_ignore``).
+        """
+        ...
+
+    def expert_tensors(self) -> list[torch.nn.Parameter]:
+        """The per-slot expert parameters; each has dim 0 of size ``S``."""
+        ...
+
+    def sync_replica_grads(self) -> None:
+        """Sum each expert's gradient over its replicas, write the sum back to every replica,
+        and scale it to match DDP's gradient averaging. Once per optimizer step."""
+        ...
+
+    def set_placement(
+        self, physical_to_logical: Tensor, logical_to_physical: Tensor, logical_replica_count: Tensor
+    ) -> None:
+        """Copy a new placement row ``(P,)``, ``(E, M)``, ``(E,)`` into the buffers in place.
+        Moves no weights: the caller has already migrated them."""
+        ...
+
+    def reset_expert_load(self) -> None:
+        """Zero ``expert_load`` in place (no host synchronisation)."""
+        ...
