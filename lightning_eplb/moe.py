@@ -1,0 +1,379 @@
+"""Expert-parallel MoE layer that :class:`~lightning_eplb.EplbCallback` can balance.
+
+Shapes (suffixes used in names below):
+    T: tokens on this rank        K: top_k        C = T * K token copies
+    H: hidden size                F: expert FFN size
+    E: logical experts            P: physical slots = E + redundant
+    N: expert-parallel ranks      S = P // N local slots      M = P - E + 1
+    R: token copies received by this rank
+
+Forward on ``N > 1`` ranks: route (top-k logical experts per token), pick one replica of
+each choice (``replica = flat copy index % replica_count[e]``, so a token's choice always
+goes to the same replica and an expert's copies spread evenly over its replicas), count the
+copies per slot into ``expert_load``, sort them by slot, exchange the per-slot counts
+(one small all-to-all, then **one host synchronisation**: the row exchange needs its split
+sizes as Python integers), send the rows with an uneven all-to-all, run all local slots in
+one grouped matmul, send the results back, combine with the router weights. On one rank
+there are no collectives; with the ``grouped_mm`` backend no host synchronisation at all.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lightning_eplb._dispatch import all_to_all, exchange_counts
+from lightning_eplb._grouped import BACKENDS, grouped_swiglu, resolve_backend
+from lightning_eplb._moe_state import (
+    ReplicaIndex,
+    load_state_dict_post_hook,
+    load_state_dict_pre_hook,
+    sync_replica_grads_,
+)
+from lightning_eplb._routing import check_routing_args, route
+from lightning_eplb.dense import init_logical_experts
+from lightning_eplb.placement import Placement
+from lightning_eplb.protocol import BalanceableMoE
+
+__all__ = ["BalanceableMoE", "ExpertParallelMoE"]
+
+
+def _inverse_permutation(perm: Tensor) -> Tensor:
+    inv = torch.empty_like(perm)
+    return inv.scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
+
+
+class ExpertParallelMoE(nn.Module):
+    """Top-k routed SwiGLU MoE whose experts are spread over ranks by a placement.
+
+    Args:
+        hidden_size: ``H``.
+        ffn_hidden_size: ``F``, hidden size of each expert.
+        num_experts: ``E`` logical experts.
+        top_k: experts per token (``<= E``).
+        num_redundant_experts: extra slots for replicas of hot experts; ``P = E + R``.
+        num_expert_groups: ``G > 1`` turns on group-limited routing: a token picks its
+            ``num_limited_groups`` best groups (group score: the max expert score in it),
+            then its top-k experts inside them. ``E % G == 0``.
+        process_group: expert-parallel group (None: the whole world). The EP group must be
+            the data-parallel world for the gradient scaling to match DDP.
+        num_limited_groups: default ``max(1, G // 2)``.
+        init_seed: seed of the logical expert weights; None draws one from torch's global
+            RNG (equal on every rank after ``seed_everything``).
+        expert_backend: ``"auto"`` (``torch._grouped_mm`` on CUDA bf16 sm90+, else a padded
+            ``bmm``), ``"grouped_mm"``, ``"bmm"`` or ``"loop"`` (reference only).
+
+    Built without a process group it holds all ``P`` slots (``S = P``).
+    :meth:`setup_expert_parallel` keeps this rank's ``S = P / N`` slots; it runs at
+    construction if ``torch.distributed`` is already initialised with more than one rank
+    (e.g. in ``configure_model``), otherwise :class:`~lightning_eplb.EplbCallback` calls it
+    in ``setup``. A forward on several ranks before that raises ``RuntimeError``.
+
+    Parameters: ``gate.weight (E, H)`` (replicated, trained by DDP as usual) and the expert
+    slots ``w1 (S, F, H)``, ``w3 (S, F, H)``, ``w2 (S, H, F)``, which DDP must ignore
+    (list them, with ``expert_load``, in ``_ddp_params_and_buffers_to_ignore``). Without
+    the callback call :meth:`sync_replica_grads` after backward, before ``optimizer.step()``.
+
+    Buffers: ``physical_to_logical (P,)``, ``logical_to_physical (E, M)``,
+    ``logical_replica_count (E,)`` (persistent, int64) and ``expert_load (P,)`` (int64,
+    not persistent).
+
+    Example:
+        >>> moe = ExpertParallelMoE(8, 16, num_experts=4, top_k=2, num_redundant_experts=2, init_seed=0)
+        >>> moe.physical_to_logical
+        tensor([0, 1, 2, 3, 0, 1])
+        >>> moe(torch.randn(3, 5, 8)).shape
+        torch.Size([3, 5, 8])
+        >>> int(moe.expert_load.sum())  # 15 tokens x top_k 2
+        30
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        ffn_hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        num_redundant_experts: int = 0,
+        num_expert_groups: int = 1,
+        process_group: dist.ProcessGroup | None = None,
+        *,
+        num_limited_groups: int | None = None,
+        init_seed: int | None = None,
+        expert_backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if hidden_size < 1 or ffn_hidden_size < 1:
+            raise ValueError(
+                f"hidden_size ({hidden_size}) and ffn_hidden_size ({ffn_hidden_size}) must be >= 1"
+            )
+        if num_redundant_experts < 0:
+            raise ValueError(f"num_redundant_experts ({num_redundant_experts}) must be >= 0")
+        if expert_backend not in BACKENDS:
+            raise ValueError(f"expert_backend ({expert_backend!r}) must be one of {BACKENDS}")
+        self.num_limited_groups = check_routing_args(
+            num_experts, top_k, num_expert_groups, num_limited_groups
+        )
+        self.hidden_size, self.ffn_hidden_size, self.top_k = hidden_size, ffn_hidden_size, top_k
+        self.num_expert_groups = num_expert_groups
+        self.num_logical_experts = num_experts
+        self.num_physical_experts = num_experts + num_redundant_experts
+        self.process_group = process_group
+        self.expert_backend = expert_backend
+
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        start = Placement.contiguous(1, num_experts, self.num_physical_experts, 1)
+        self.register_buffer("physical_to_logical", start.physical_to_logical[0].clone())
+        self.register_buffer("logical_to_physical", start.logical_to_physical[0].clone())
+        self.register_buffer("logical_replica_count", start.logical_replica_count[0].clone())
+        self.register_buffer(
+            "expert_load", torch.zeros(self.num_physical_experts, dtype=torch.int64), persistent=False
+        )
+
+        if init_seed is None:
+            init_seed = int(torch.randint(0, 2**62, (1,)).item())
+        self.init_seed = int(init_seed)
+        p2l_P = start.physical_to_logical[0]
+        w1, w3, w2 = init_logical_experts(num_experts, hidden_size, ffn_hidden_size, self.init_seed)
+        self.w1 = nn.Parameter(w1.index_select(0, p2l_P))
+        self.w3 = nn.Parameter(w3.index_select(0, p2l_P))
+        self.w2 = nn.Parameter(w2.index_select(0, p2l_P))
+
+        self._ep_group: dist.ProcessGroup | None = None
+        self._ep_size, self._ep_rank, self._is_setup = 1, 0, False
+        self._replicas = ReplicaIndex.build(
+            p2l_P, start.logical_replica_count[0], 0, self.num_physical_experts
+        )
+        self._register_load_state_dict_pre_hook(load_state_dict_pre_hook, with_module=True)
+        self.register_load_state_dict_post_hook(load_state_dict_post_hook)
+        if dist.is_available() and dist.is_initialized():
+            if process_group is not None or dist.get_world_size() > 1:
+                self.setup_expert_parallel(process_group)
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def num_local_experts(self) -> int:
+        """``S``: slots held by this rank (``P`` before :meth:`setup_expert_parallel`)."""
+        return int(self.w1.shape[0])
+
+    @property
+    def ep_size(self) -> int:
+        """``N``: ranks of the expert-parallel group (1 before setup)."""
+        return self._ep_size
+
+    @property
+    def ep_rank(self) -> int:
+        """This rank's index in the expert-parallel group (0 before setup)."""
+        return self._ep_rank
+
+    # ------------------------------------------------------------------ protocol
+    def setup_expert_parallel(self, process_group: dist.ProcessGroup | None = None) -> None:
+        """Bind the expert-parallel group and keep this rank's ``S`` slots. Idempotent.
+
+        Call before the optimizer exists (the parameters are replaced). Without an
+        initialised ``torch.distributed`` or on one rank, nothing changes.
+
+        Args:
+            process_group: the EP group; None uses the constructor's, else the whole world.
+
+        Raises:
+            ValueError: ``P`` not divisible by the group size, or already set up for a
+                group of another size.
+        """
+        group = process_group if process_group is not None else self.process_group
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        num_ranks, rank = dist.get_world_size(group), dist.get_rank(group)
+        if self._is_setup:
+            if num_ranks != self._ep_size:
+                raise ValueError(
+                    f"layer already set up for {self._ep_size} expert-parallel ranks, got a group of {num_ranks}"
+                )
+            return
+        if rank < 0:
+            raise ValueError("this process is not a member of the expert-parallel process group")
+        if self.num_physical_experts % num_ranks:
+            raise ValueError(
+                f"num_physical_experts ({self.num_physical_experts}) = num_experts ({self.num_logical_experts})"
+                f" + num_redundant_experts ({self.num_physical_experts - self.num_logical_experts}) must be"
+                f" divisible by the number of expert-parallel ranks ({num_ranks})"
+            )
+        slots = self.num_physical_experts // num_ranks
+        lo, hi = rank * slots, (rank + 1) * slots
+        for name in ("w1", "w3", "w2"):
+            old = getattr(self, name)
+            setattr(self, name, nn.Parameter(old.detach()[lo:hi].clone(), requires_grad=old.requires_grad))
+        self._ep_group, self._ep_size, self._ep_rank, self._is_setup = group, num_ranks, rank, True
+        self._refresh_replica_index()
+
+    def expert_tensors(self) -> list[nn.Parameter]:
+        """``[w1 (S, F, H), w3 (S, F, H), w2 (S, H, F)]``."""
+        return [self.w1, self.w3, self.w2]
+
+    def set_placement(
+        self, physical_to_logical: Tensor, logical_to_physical: Tensor, logical_replica_count: Tensor
+    ) -> None:
+        """Copy a new placement into the buffers in place (moves no weights).
+
+        Args:
+            physical_to_logical: ``(P,)`` integer.
+            logical_to_physical: ``(E, M)`` integer, -1 padded.
+            logical_replica_count: ``(E,)`` integer.
+
+        Raises:
+            ValueError: on a shape that does not match the buffers.
+        """
+        new = (physical_to_logical, logical_to_physical, logical_replica_count)
+        old = (self.physical_to_logical, self.logical_to_physical, self.logical_replica_count)
+        names = ("physical_to_logical", "logical_to_physical", "logical_replica_count")
+        for name, src, dst in zip(names, new, old, strict=True):
+            if tuple(src.shape) != tuple(dst.shape):
+                raise ValueError(f"{name} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
+        for src, dst in zip(new, old, strict=True):
+            dst.copy_(src)
+        self._replicas = ReplicaIndex.build(
+            physical_to_logical.detach().cpu(),
+            logical_replica_count.detach().cpu(),
+            self._ep_rank,
+            self.num_local_experts,
+        )
+
+    def sync_replica_grads(self) -> None:
+        """Sum each expert's gradient over its replicas (one all-reduce of the replicated
+        experts only, none if no expert is replicated), write the sum to every replica, and
+        divide every expert gradient by ``N`` to match DDP's averaging.
+
+        Every rank of the EP group must call it once per optimizer step, after backward and
+        before gradient clipping and ``optimizer.step()``. Missing gradients become zeros.
+        """
+        sync_replica_grads_(self.expert_tensors(), self._replicas, self._ep_size, self._ep_group)
+
+    def reset_expert_load(self) -> None:
+        """Zero ``expert_load`` in place."""
+        self.expert_load.zero_()
+
+    # ------------------------------------------------------------------ helpers
+    def _refresh_replica_index(self) -> None:
+        self._replicas = ReplicaIndex.build(
+            self.physical_to_logical.detach().cpu(),
+            self.logical_replica_count.detach().cpu(),
+            self._ep_rank,
+            self.num_local_experts,
+        )
+
+    def gather_logical(self, tensors: list[Tensor]) -> list[Tensor]:
+        """Logical ``(E, ...)`` copies of per-slot tensors (weights, grads, optimizer state).
+
+        Collective when set up on several ranks: every rank of the group calls it and gets
+        the same result (an expert's first replica, detached).
+
+        Args:
+            tensors: each ``(S, ...)``.
+
+        Returns:
+            each ``(E, ...)``.
+        """
+        first_E = self.logical_to_physical[:, 0]
+        out = []
+        for t in tensors:
+            full = t.detach()
+            if self._ep_size > 1:
+                parts = [torch.empty_like(full) for _ in range(self._ep_size)]
+                dist.all_gather(parts, full.contiguous(), group=self._ep_group)
+                full = torch.cat(parts)
+            out.append(full.index_select(0, first_E.to(full.device)))
+        return out
+
+    def load_logical_experts(self, tensors: list[Tensor]) -> None:
+        """Copy logical weights ``[w1 (E, F, H), w3 (E, F, H), w2 (E, H, F)]`` into this
+        rank's slots under the current placement (no communication)."""
+        lo = self._ep_rank * self.num_local_experts
+        local_S = self.physical_to_logical[lo : lo + self.num_local_experts]
+        with torch.no_grad():
+            for dst, src in zip(self.expert_tensors(), tensors, strict=True):
+                dst.copy_(src.to(dst.device).index_select(0, local_S.to(dst.device)))
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor) -> Tensor:
+        """Args: x: ``(..., H)``. Returns: ``(..., H)``.
+
+        Raises:
+            RuntimeError: run on several ranks before :meth:`setup_expert_parallel`.
+        """
+        if x.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"input has last dimension {x.shape[-1]}, expected hidden_size ({self.hidden_size})"
+            )
+        if not self._is_setup and dist.is_available() and dist.is_initialized():
+            if dist.get_world_size(self.process_group) > 1:
+                raise RuntimeError(
+                    "ExpertParallelMoE still holds all slots on a multi-rank run: call "
+                    "setup_expert_parallel() (EplbCallback does it in setup) before the first forward"
+                )
+        x_TH = x.reshape(-1, self.hidden_size)
+        num_tokens, top_k = x_TH.shape[0], self.top_k
+        weights_TK, experts_TK = route(
+            self.gate(x_TH), top_k, self.num_expert_groups, self.num_limited_groups
+        )
+
+        # Replica choice: deterministic in the copy's position, round-robin over replicas.
+        expert_C = experts_TK.reshape(-1)
+        copy_C = torch.arange(expert_C.numel(), device=x.device)
+        replica_C = copy_C % self.logical_replica_count.index_select(0, expert_C)
+        width = self.logical_to_physical.shape[1]
+        slot_C = self.logical_to_physical.reshape(-1).index_select(0, expert_C * width + replica_C)
+        count_P = torch.zeros(self.num_physical_experts, dtype=torch.int64, device=x.device)
+        count_P.index_add_(0, slot_C, torch.ones_like(slot_C))
+        if self.training:
+            self.expert_load.add_(count_P)
+
+        order_C = torch.argsort(slot_C, stable=True)
+        x_CH = x_TH.index_select(0, order_C // top_k)
+        y_CH = self._experts(x_CH, slot_C.index_select(0, order_C), count_P)
+        y_CH = y_CH.index_select(0, _inverse_permutation(order_C))
+        y_TH = (y_CH.view(num_tokens, top_k, -1) * weights_TK.to(y_CH.dtype).unsqueeze(-1)).sum(1)
+        return y_TH.view(x.shape)
+
+    def _experts(self, x_CH: Tensor, slot_C: Tensor, count_P: Tensor) -> Tensor:
+        """Run sorted token copies through their slots, wherever they live.
+
+        Args:
+            x_CH: ``(C, H)`` copies sorted by physical slot.
+            slot_C: ``(C,)`` their slots (non-decreasing).
+            count_P: ``(P,)`` copies per slot.
+
+        Returns:
+            ``(C, H)`` expert outputs in the same order.
+        """
+        backend = resolve_backend(self.expert_backend, x_CH, self.hidden_size, self.ffn_hidden_size)
+        weights = (self.w1, self.w3, self.w2)
+        num_ranks, slots = self._ep_size, self.num_local_experts
+        if num_ranks == 1:
+            return grouped_swiglu(x_CH, slot_C, count_P, None, *weights, backend)
+        group = self._ep_group
+        recv_NS, output_splits, input_splits, slot_counts = exchange_counts(
+            count_P.view(num_ranks, slots), group
+        )
+        x_RH = all_to_all(x_CH, output_splits, input_splits, group)
+        num_recv = sum(output_splits)
+        local_NS = torch.arange(slots, device=x_CH.device).repeat(num_ranks)
+        slot_R = torch.repeat_interleave(local_NS, recv_NS.reshape(-1), output_size=num_recv)
+        perm_R = torch.argsort(slot_R, stable=True)
+        y_RH = grouped_swiglu(
+            x_RH.index_select(0, perm_R),
+            slot_R.index_select(0, perm_R),
+            recv_NS.sum(0),
+            slot_counts,
+            *weights,
+            backend,
+        )
+        y_RH = y_RH.index_select(0, _inverse_permutation(perm_R))
+        return all_to_all(y_RH, input_splits, output_splits, group)
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden_size={self.hidden_size}, ffn_hidden_size={self.ffn_hidden_size}, "
+            f"num_experts={self.num_logical_experts}, num_physical_experts={self.num_physical_experts}, "
+            f"top_k={self.top_k}, num_expert_groups={self.num_expert_groups}, ep_size={self._ep_size}"
+        )
