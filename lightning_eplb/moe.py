@@ -8,8 +8,8 @@ Shapes (suffixes used in names below):
     R: token copies received by this rank
 
 Forward on ``N > 1`` ranks: route (top-k logical experts per token), pick one replica of
-each choice (``replica = flat copy index % replica_count[e]``, so a token's choice always
-goes to the same replica and an expert's copies spread evenly over its replicas), count the
+each choice (round-robin over the expert's replicas in the order of the copies, see
+``_choose_replicas``: deterministic in the token positions, even over replicas), count the
 copies per slot into ``expert_load``, sort them by slot, exchange the per-slot counts
 (one small all-to-all, then **one host synchronisation**: the row exchange needs its split
 sizes as Python integers), send the rows with an uneven all-to-all, run all local slots in
@@ -317,10 +317,8 @@ class ExpertParallelMoE(nn.Module):
             self.gate(x_TH), top_k, self.num_expert_groups, self.num_limited_groups
         )
 
-        # Replica choice: deterministic in the copy's position, round-robin over replicas.
         expert_C = experts_TK.reshape(-1)
-        copy_C = torch.arange(expert_C.numel(), device=x.device)
-        replica_C = copy_C % self.logical_replica_count.index_select(0, expert_C)
+        replica_C = self._choose_replicas(expert_C)
         width = self.logical_to_physical.shape[1]
         slot_C = self.logical_to_physical.reshape(-1).index_select(0, expert_C * width + replica_C)
         count_P = torch.zeros(self.num_physical_experts, dtype=torch.int64, device=x.device)
@@ -334,6 +332,28 @@ class ExpertParallelMoE(nn.Module):
         y_CH = y_CH.index_select(0, _inverse_permutation(order_C))
         y_TH = (y_CH.view(num_tokens, top_k, -1) * weights_TK.to(y_CH.dtype).unsqueeze(-1)).sum(1)
         return y_TH.view(x.shape)
+
+    def _choose_replicas(self, expert_C: Tensor) -> Tensor:
+        """Replica of every token copy: the ``n``-th copy of expert ``e`` (in flat
+        ``(token, k)`` order) goes to replica ``(n + rank) % replica_count[e]``, so one
+        expert's copies split over its replicas within one (the rank offset spreads the
+        remainders over ranks) and the choice depends on positions only.
+
+        Args:
+            expert_C: ``(C,)`` logical expert of each copy.
+
+        Returns:
+            ``(C,)`` int64 replica index in ``[0, replica_count[e])``.
+        """
+        num_copies = expert_C.numel()
+        order_C = torch.argsort(expert_C, stable=True)
+        per_expert_E = torch.zeros(self.num_logical_experts, dtype=torch.int64, device=expert_C.device)
+        per_expert_E.index_add_(0, expert_C, torch.ones_like(expert_C))
+        start_E = torch.cumsum(per_expert_E, 0) - per_expert_E
+        copy_C = torch.arange(num_copies, device=expert_C.device)
+        nth_sorted_C = copy_C - start_E.index_select(0, expert_C.index_select(0, order_C))
+        nth_C = torch.empty_like(nth_sorted_C).scatter_(0, order_C, nth_sorted_C)
+        return (nth_C + self._ep_rank) % self.logical_replica_count.index_select(0, expert_C)
 
     def _experts(self, x_CH: Tensor, slot_C: Tensor, count_P: Tensor) -> Tensor:
         """Run sorted token copies through their slots, wherever they live.
