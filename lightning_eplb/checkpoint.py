@@ -31,15 +31,20 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_eplb._logical import _world, gather_logical, scatter_logical
+
 if TYPE_CHECKING:  # pragma: no cover
     import lightning.pytorch as pl
 
 __all__ = [
     "FORMAT_VERSION",
+    "check_compatible",
     "gather_logical",
+    "install_load_checks",
     "load_expert_state",
     "save_expert_state",
     "scatter_logical",
+    "to_dense_state_dict",
 ]
 
 FORMAT_VERSION = 1
@@ -47,136 +52,15 @@ FORMAT_VERSION = 1
 
 _KEY = "eplb"
 
-
-# ---------------------------------------------------------------------------- conversion
-def _world(group: dist.ProcessGroup | None) -> tuple[int, int]:
-    """``(num_ranks, rank)`` in ``group``; ``(1, 0)`` without an initialised process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(group), dist.get_rank(group)
-    return 1, 0
-
-
-def _first_slots(physical_to_logical_P: Tensor, num_logical: int | None) -> Tensor:
-    """``(E,)`` int64: the lowest slot holding each logical expert.
-
-    Raises:
-        ValueError: on an id outside ``[0, E)`` or an expert without a slot.
-    """
-    p2l_P = torch.as_tensor(physical_to_logical_P).detach().to("cpu", torch.int64).reshape(-1)
-    num_physical = p2l_P.numel()
-    if num_physical == 0:
-        raise ValueError("physical_to_logical is empty; it needs one entry per physical slot")
-    num_logical = int(p2l_P.max()) + 1 if num_logical is None else int(num_logical)
-    if int(p2l_P.min()) < 0 or int(p2l_P.max()) >= num_logical:
-        raise ValueError(
-            f"physical_to_logical holds ids in [{int(p2l_P.min())}, {int(p2l_P.max())}], "
-            f"they must lie in [0, num_logical={num_logical})"
-        )
-    first_E = torch.full((num_logical,), num_physical, dtype=torch.int64)
-    first_E.scatter_reduce_(0, p2l_P, torch.arange(num_physical), reduce="amin")
-    if int(first_E.max()) == num_physical:
-        missing = int((first_E == num_physical).nonzero()[0])
-        raise ValueError(f"logical expert {missing} has no physical slot in physical_to_logical")
-    return first_E
-
-
-def gather_logical(
-    local_S: Tensor,
-    physical_to_logical_P: Tensor,
-    group: dist.ProcessGroup | None = None,
-    *,
-    num_logical: int | None = None,
-) -> Tensor:
-    """Gather one expert tensor from all ranks into one copy per logical expert.
-
-    Collective: every rank of ``group`` calls it with the same ``physical_to_logical_P``
-    and a local tensor of the same shape and dtype. Each logical expert is taken from its
-    lowest-numbered slot (replicas are identical). The local tensors are all-gathered, so
-    the transient memory is ``P x local_S[0].nbytes`` on every rank, plus the result.
-
-    Args:
-        local_S: ``(S, ...)`` this rank's slots of one tensor (weights or optimizer state).
-        physical_to_logical_P: ``(P,)`` logical expert held by each slot, the same on every
-            rank; ``P == S * N``.
-        group: the expert-parallel group (default: the whole world). Without an
-            initialised process group this is a one-rank gather (``S == P``).
-        num_logical: ``E``; defaults to ``max(physical_to_logical_P) + 1``.
-
-    Returns:
-        ``(E, ...)`` on ``local_S``'s device and dtype, identical on every rank.
-
-    Raises:
-        ValueError: if ``S * N != P`` or the placement misses an expert.
-
-    Example:
-        >>> w_S = torch.tensor([[10.0], [11.0], [12.0], [10.0]])  # slots hold experts 0, 1, 2, 0
-        >>> gather_logical(w_S, torch.tensor([0, 1, 2, 0])).flatten().tolist()
-        [10.0, 11.0, 12.0]
-    """
-    first_E = _first_slots(physical_to_logical_P, num_logical)
-    num_physical = int(torch.as_tensor(physical_to_logical_P).numel())
-    num_ranks, _ = _world(group)
-    num_slots = int(local_S.shape[0]) if local_S.dim() else 0
-    if num_slots * num_ranks != num_physical:
-        raise ValueError(
-            f"local tensor has {num_slots} slots on each of {num_ranks} ranks, but physical_to_logical has "
-            f"P={num_physical} slots; slots per rank times ranks must equal P"
-        )
-    local_S = local_S.detach()
-    if num_ranks == 1:
-        return local_S.index_select(0, first_E.to(local_S.device))
-    local_S = local_S.contiguous()
-    parts = [torch.empty_like(local_S) for _ in range(num_ranks)]
-    dist.all_gather(parts, local_S, group=group)
-    out_E = local_S.new_empty((first_E.numel(), *local_S.shape[1:]))
-    owner_E = first_E // num_slots
-    for r, part in enumerate(parts):
-        experts = (owner_E == r).nonzero().flatten()
-        if experts.numel():
-            rows = (first_E[experts] % num_slots).to(part.device)
-            out_E[experts.to(part.device)] = part.index_select(0, rows)
-    return out_E
-
-
-def scatter_logical(logical_E: Tensor, physical_to_logical_P: Tensor, rank: int, num_ranks: int) -> Tensor:
-    """Take this rank's slots out of a logical tensor (local, no communication).
-
-    Args:
-        logical_E: ``(E, ...)`` one row per logical expert.
-        physical_to_logical_P: ``(P,)`` logical expert held by each slot; ``P % num_ranks == 0``.
-        rank: this rank, in ``[0, num_ranks)``.
-        num_ranks: ``N``, expert-parallel ranks.
-
-    Returns:
-        ``(S, ...)`` a new tensor: row ``i`` is ``logical_E[physical_to_logical_P[rank * S + i]]``.
-
-    Raises:
-        ValueError: on ``P % N != 0``, a rank out of range, or ids outside ``[0, E)``.
-
-    Example:
-        >>> w_E = torch.tensor([10.0, 11.0, 12.0])
-        >>> scatter_logical(w_E, torch.tensor([0, 1, 2, 0, 2, 1]), rank=1, num_ranks=2).tolist()
-        [10.0, 12.0, 11.0]
-    """
-    p2l_P = torch.as_tensor(physical_to_logical_P).detach().to("cpu", torch.int64).reshape(-1)
-    num_physical = p2l_P.numel()
-    if num_ranks < 1 or num_physical % num_ranks:
-        raise ValueError(f"num_physical ({num_physical}) must be divisible by num_ranks ({num_ranks})")
-    if not 0 <= rank < num_ranks:
-        raise ValueError(f"rank ({rank}) must lie in [0, num_ranks={num_ranks})")
-    num_logical = int(logical_E.shape[0]) if logical_E.dim() else 0
-    if int(p2l_P.min()) < 0 or int(p2l_P.max()) >= num_logical:
-        raise ValueError(
-            f"physical_to_logical holds ids in [{int(p2l_P.min())}, {int(p2l_P.max())}], but the logical "
-            f"tensor has {num_logical} rows (shape {tuple(logical_E.shape)})"
-        )
-    num_slots = num_physical // num_ranks
-    ids_S = p2l_P[rank * num_slots : (rank + 1) * num_slots]
-    return logical_E.detach().index_select(0, ids_S.to(logical_E.device))
-
-
 # ---------------------------------------------------------------------------- Lightning glue
 _PLACEMENT_BUFFERS = ("physical_to_logical", "logical_to_physical", "logical_replica_count", "expert_load")
+_LAYOUT_MARKER = "eplb_layout"  # lightning_eplb._moe_state.EPLB_LAYOUT_KEY
+
+
+def _understands_layout_marker(layer: Any) -> bool:
+    from lightning_eplb.moe import ExpertParallelMoE
+
+    return isinstance(layer, ExpertParallelMoE)
 
 
 def _layers(callback: Any) -> list[tuple[str, Any]]:
@@ -204,18 +88,23 @@ def _group(layer: Any) -> dist.ProcessGroup | None:
 
 
 def _state_split(state: dict[str, Any], param: Tensor, where: str) -> tuple[list[str], str | None]:
-    """Keys of ``state`` shaped like ``param``; an error text for state that cannot be converted."""
+    """Keys of ``state`` shaped like ``param``; an error text for state that cannot be converted.
+
+    Same rule as :func:`lightning_eplb.migration.optimizer_state_tensors`: parameter-shaped
+    tensors are per slot, one-element tensors and non-tensors (``step``) are shared.
+    """
     keys = []
     for key, value in state.items():
-        if not isinstance(value, Tensor) or value.dim() == 0:
-            continue  # scalars like Adam's `step` are the same for every expert
-        if value.shape != param.shape:
+        if not isinstance(value, Tensor):
+            continue
+        if value.shape == param.shape:
+            keys.append(key)
+        elif value.numel() != 1:
             return keys, (
                 f"{where}: optimizer state {key!r} has shape {tuple(value.shape)}, neither a scalar nor the "
                 f"parameter's shape {tuple(param.shape)}; per-expert state of another shape cannot be converted"
             )
-        keys.append(key)
-    return keys, None
+    return sorted(keys, key=str), None
 
 
 def _optimizer_param_index(optimizer: Any) -> dict[int, int]:
@@ -286,6 +175,10 @@ def save_expert_state(
             shapes[tname] = list(logical.shape)
             params.append((name, tname, layer, param))
         buffers = [b for b, _ in layer.named_buffers(recurse=False) if b in _PLACEMENT_BUFFERS]
+        if _understands_layout_marker(layer):
+            # tells the layer's load pre-hook that w1/w3/w2 are logical even when E == S
+            state_dict[f"{name}.{_LAYOUT_MARKER}" if name else _LAYOUT_MARKER] = "logical"
+            buffers.append(_LAYOUT_MARKER)
         meta_layers.append(
             {
                 "name": name,
@@ -346,7 +239,10 @@ def _save_optimizer_states(
         for (i, layer, param), keys in zip(todo, union_keys, strict=True):
             if not keys:
                 continue
-            entry = state.setdefault(i, {})
+            # torch's state_dict() shares each parameter's state dict with the live optimizer:
+            # write into a copy, never into the optimizer.
+            entry = dict(state.get(i, {}))
+            state[i] = entry
             for key in keys:
                 local = entry.get(key)
                 if local is None:
@@ -429,7 +325,9 @@ def load_expert_state(
                 num_ranks, rank = _world(_group(layer))
                 logical_shape = shapes[(entry["layer"], entry["tensor"])]
                 for key, value in state.get(entry["index"], {}).items():
-                    if not isinstance(value, Tensor) or value.dim() == 0:
+                    if not isinstance(value, Tensor) or (
+                        value.numel() == 1 and tuple(value.shape) != logical_shape
+                    ):
                         continue
                     if tuple(value.shape) != logical_shape:
                         raise ValueError(
@@ -490,3 +388,100 @@ def check_compatible(meta: dict, layers: Sequence[tuple[str, Any]], state_dict: 
                         f"checkpoint['state_dict'][{key!r}] has shape {tuple(state_dict[key].shape)}, "
                         f"expected the logical shape {expected}"
                     )
+
+
+def to_dense_state_dict(checkpoint: dict) -> dict[str, Any]:
+    """The checkpoint's model state without the placement entries of the balanced layers.
+
+    What remains loads into the same model with every
+    :class:`~lightning_eplb.ExpertParallelMoE` replaced by a
+    :class:`~lightning_eplb.dense.DenseMoE` of the same sizes (same parameter names
+    ``gate.weight (E, H)``, ``w1 (E, F, H)``, ``w3 (E, F, H)``, ``w2 (E, H, F)``).
+
+    Args:
+        checkpoint: a checkpoint written with :func:`save_expert_state`.
+
+    Returns:
+        A new dict: ``checkpoint["state_dict"]`` less each balanced layer's placement buffers
+        and layout marker. Tensors are shared, not copied.
+
+    Raises:
+        ValueError: if the checkpoint has no ``"eplb"`` metadata.
+    """
+    meta = checkpoint.get(_KEY)
+    if meta is None:
+        raise ValueError(
+            "checkpoint has no 'eplb' entry: only checkpoints saved with EplbCallback are placement-free"
+        )
+    drop = {f"{m['name']}.{b}" if m["name"] else b for m in meta["layers"] for b in m.get("buffers", [])}
+    return {k: v for k, v in checkpoint["state_dict"].items() if k not in drop}
+
+
+def install_load_checks(module: torch.nn.Module, layers: Sequence[tuple[str, Any]]) -> None:
+    """Make ``module.load_state_dict`` check the balanced layers' entries first, with clear errors.
+
+    Lightning loads the model weights before any callback sees the checkpoint, so a
+    checkpoint of another model shape would otherwise fail inside ``load_state_dict`` (or,
+    with ``strict_loading=False``, not at all). The hook accepts an expert tensor in logical
+    ``(E, ...)`` or local ``(S, ...)`` layout and raises ``ValueError`` naming the key and
+    the sizes that differ. Idempotent.
+
+    Args:
+        module: the root module (the LightningModule) whose ``state_dict`` keys are relative to it.
+        layers: ``(qualified name, layer)`` of its balanced layers.
+    """
+    if getattr(module, "_eplb_load_checks", None) is not None:
+        module._eplb_load_checks.remove()
+    names = [(name, layer) for name, layer in layers]
+
+    def hook(
+        mod: torch.nn.Module,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        _check_layer_entries(state_dict, prefix, names, strict)
+
+    module._eplb_load_checks = module.register_load_state_dict_pre_hook(hook)  # type: ignore[assignment]
+
+
+def _check_layer_entries(
+    state_dict: dict[str, Any], prefix: str, layers: Sequence[tuple[str, Any]], strict: bool
+) -> None:
+    known = {f"{prefix}{name}." if name else prefix for name, _ in layers}
+    # A balanced layer in the checkpoint is recognised by its placement buffer.
+    saved_layers = {k[: -len("physical_to_logical")] for k in state_dict if k.endswith("physical_to_logical")}
+    saved_layers = {k for k in saved_layers if k.startswith(prefix)}
+    extra = sorted(saved_layers - known)
+    if extra:
+        raise ValueError(
+            f"the checkpoint has MoE layers the model lacks: {[k.rstrip('.') for k in extra]} "
+            f"(the model's balanced layers: {[n for n, _ in layers]})"
+        )
+    for name, layer in layers:
+        base = f"{prefix}{name}." if name else prefix
+        num_logical = int(layer.num_logical_experts)
+        for tname, param in zip(_tensor_names(layer), layer.expert_tensors(), strict=True):
+            key = base + tname
+            value = state_dict.get(key)
+            if value is None:
+                if strict:
+                    raise ValueError(
+                        f"the checkpoint misses the expert tensor {key!r} of shape {(num_logical, *param.shape[1:])}"
+                    )
+                continue
+            if not isinstance(value, Tensor):
+                raise ValueError(f"checkpoint entry {key!r} is a {type(value).__name__}, expected a tensor")
+            if tuple(value.shape[1:]) != tuple(param.shape[1:]) or value.shape[0] not in (
+                num_logical,
+                param.shape[0],
+            ):
+                raise ValueError(
+                    f"{key}: the checkpoint holds shape {tuple(value.shape)}, the model needs logical "
+                    f"{(num_logical, *param.shape[1:])} (num_experts={num_logical}, then the per-expert shape) "
+                    f"or this rank's slots {tuple(param.shape)}"
+                )
