@@ -120,7 +120,7 @@ class ExpertLoadWindow(Metric):
     State (``add_state(..., persistent=True)``, so it is in ``state_dict()``):
     ``slot_counts (W, L, P)`` and ``logical_counts (W, L, E)`` int32 (counts of one step
     on one rank), and ``cursor ()`` int64, the number of steps recorded so far
-    (step ``k`` sits at row ``k % W``). Memory is ``4 * W * L * (P + E)`` bytes.
+    (the ``k``-th sits at row ``k % W``). Memory is ``4 * W * L * (P + E)`` bytes.
 
     Args:
         num_layers: ``L``.
@@ -220,6 +220,54 @@ class ExpertLoadWindow(Metric):
             flat[split:].view(self.num_layers, self.num_logical),
             local.num_steps,
         )
+
+    def global_state(self) -> dict[str, Tensor]:
+        """The window summed over ranks, as CPU tensors, for a checkpoint.
+
+        Collective when a process group is initialised (one ``all_reduce`` of the window).
+        Every rank gets the same dict; load it with :meth:`load_global_state`.
+        """
+        slot_WLP, logical_WLE = self.slot_counts.to(torch.int64), self.logical_counts.to(torch.int64)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
+            flat = torch.cat([slot_WLP.flatten(), logical_WLE.flatten()])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.process_group)
+            slot_WLP, logical_WLE = flat[: slot_WLP.numel()].view_as(slot_WLP), flat[slot_WLP.numel() :].view_as(logical_WLE)
+        return {
+            "slot_counts": slot_WLP.cpu(),
+            "logical_counts": logical_WLE.cpu(),
+            "cursor": self.cursor.detach().cpu().clone(),
+        }
+
+    def load_global_state(self, state: dict[str, Tensor], keep: bool = True) -> bool:
+        """Restore a window saved by :meth:`global_state`, possibly of another window size.
+
+        The saved steps are put in order and the last ``min(saved, W)`` are kept. Counts
+        summed over ranks must be counted once: pass ``keep=True`` on one rank only (rank 0)
+        and ``keep=False`` elsewhere (an empty window with the same cursor).
+
+        Args:
+            state: ``slot_counts (W', L, P)``, ``logical_counts (W', L, E)``, ``cursor ()``.
+            keep: whether this rank takes the saved counts.
+
+        Returns:
+            False (and nothing changed) if the saved ``(L, E, P)`` differ from this window's.
+        """
+        slot_WLP, logical_WLE = state["slot_counts"], state["logical_counts"]
+        if tuple(slot_WLP.shape[1:]) != (self.num_layers, self.num_physical) or tuple(logical_WLE.shape[1:]) != (
+            self.num_layers,
+            self.num_logical,
+        ):
+            return False
+        saved_w, cursor = int(slot_WLP.shape[0]), int(state["cursor"])
+        kept = min(cursor, saved_w, self.window_size)
+        rows = [(cursor - kept + i) % saved_w for i in range(kept)]  # oldest first
+        device = self.slot_counts.device
+        self.reset()
+        if keep and kept:  # the kept steps become rows 0 .. kept-1, oldest first
+            self.slot_counts[:kept] = slot_WLP[rows].to(device, torch.int32)
+            self.logical_counts[:kept] = logical_WLE[rows].to(device, torch.int32)
+        self.cursor.fill_(kept)
+        return True
 
     def forward(self, *args: Any, **kwargs: Any) -> None:
         """Same as :meth:`update` (the batch-value machinery of ``Metric.forward`` would reduce)."""
