@@ -1,0 +1,279 @@
+"""ExpertParallelMoE on several GPUs: equivalence, host synchronisations, throughput, slot cost.
+
+Run (one process per GPU; prints a table on rank 0)::
+
+    PYTHONPATH=. torchrun --nproc-per-node 4 benchmarks/moe_gpu.py
+    PYTHONPATH=. torchrun --nproc-per-node 2 benchmarks/moe_gpu.py --small   # CPU/gloo smoke test
+
+Sections:
+1. Equivalence under NCCL: a random placement with replicas; outputs and gradients
+   (input, gate, logical expert grads after ``sync_replica_grads``) against ``DenseMoE`` on
+   the global batch, on rank 0. fp32 (``bmm`` backend) and bf16 (``auto``: grouped GEMM).
+2. Host synchronisations in one forward+backward, counted with
+   ``torch.cuda.set_sync_debug_mode("warn")``, in train mode (load recording on) and eval
+   mode (off), and in ``sync_replica_grads``.
+3. Tokens/s of forward+backward on N GPUs against the same layer on one GPU (a one-rank
+   group: all P slots, no collectives) at equal tokens per GPU.
+4. Step time (forward+backward+``sync_replica_grads``) with 0, 25% and 50% extra slots at
+   equal tokens, per expert backend (goal: under 3% apart for the default backend).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_eplb._grouped import resolve_backend
+from lightning_eplb.dense import DenseMoE
+from lightning_eplb.moe import ExpertParallelMoE
+from lightning_eplb.placement import Placement
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--small", action="store_true", help="tiny sizes (CPU/gloo smoke test)")
+    parser.add_argument("--cpu", action="store_true", help="use gloo on CPU even if CUDA is available")
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--ffn", type=int, default=1408)
+    parser.add_argument("--experts", type=int, default=64)
+    parser.add_argument("--top-k", type=int, default=6)
+    parser.add_argument("--tokens", type=int, default=8192, help="tokens per GPU per step")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--backends", default="auto,bmm,loop", help="expert backends for the slot-cost table")
+    args = parser.parse_args()
+    if args.small:
+        args.hidden, args.ffn, args.experts, args.top_k, args.tokens = 64, 96, 8, 2, 256
+        args.iters, args.warmup = 3, 1
+    return args
+
+
+def init() -> torch.device:
+    use_cuda = torch.cuda.is_available() and not ARGS.cpu
+    if use_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        return torch.device("cuda", local_rank)
+    dist.init_process_group("gloo")
+    return torch.device("cpu")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def random_placement(num_logical: int, num_physical: int, num_ranks: int, seed: int) -> Placement:
+    gen = torch.Generator().manual_seed(seed)
+    extra = torch.randint(0, num_logical, (num_physical - num_logical,), generator=gen)
+    p2l = torch.cat([torch.arange(num_logical), extra])[torch.randperm(num_physical, generator=gen)]
+    return Placement.from_physical_to_logical(p2l, num_logical, num_ranks)
+
+
+def make_layer(
+    device: torch.device,
+    dtype: torch.dtype,
+    redundant: int,
+    backend: str,
+    group: dist.ProcessGroup | None = None,
+) -> ExpertParallelMoE:
+    torch.manual_seed(0)  # same gate on every rank
+    layer = ExpertParallelMoE(
+        ARGS.hidden,
+        ARGS.ffn,
+        ARGS.experts,
+        ARGS.top_k,
+        redundant,
+        process_group=group,
+        init_seed=0,
+        expert_backend=backend,
+    )
+    return layer.to(device=device, dtype=dtype)
+
+
+def rel_err(got: Tensor, want: Tensor) -> float:
+    got, want = got.detach().float(), want.detach().float()
+    return float((got - want).norm() / want.norm().clamp_min(1e-30))
+
+
+# ---------------------------------------------------------------------------- 1. equivalence
+def check_equivalence(device: torch.device, dtype: torch.dtype, backend: str) -> dict[str, float]:
+    rank, n = dist.get_rank(), dist.get_world_size()
+    redundant = max(n, ARGS.experts // 4) // n * n
+    layer = make_layer(device, dtype, redundant, backend)
+    placement = random_placement(ARGS.experts, ARGS.experts + redundant, n, seed=1)
+    logical = layer.gather_logical(layer.expert_tensors())
+    layer.set_placement(
+        placement.physical_to_logical[0], placement.logical_to_physical[0], placement.logical_replica_count[0]
+    )
+    layer.load_logical_experts(logical)
+    dense = DenseMoE.from_expert_parallel(layer)
+    gen = torch.Generator().manual_seed(2)
+    num_tokens = n * min(ARGS.tokens, 512)
+    x = torch.randn(num_tokens, ARGS.hidden, generator=gen).to(device, dtype)
+    g = torch.randn(num_tokens, ARGS.hidden, generator=gen).to(device, torch.float32)
+    x_local = x[rank::n].clone().requires_grad_()
+    y_local = layer(x_local)
+    (y_local.float() * g[rank::n]).sum().backward()
+    dist.all_reduce(layer.gate.weight.grad)
+    layer.sync_replica_grads()
+    y_parts = [torch.empty_like(y_local) for _ in range(n)]
+    dist.all_gather(y_parts, y_local.detach().contiguous())
+    xg_parts = [torch.empty_like(x_local) for _ in range(n)]
+    dist.all_gather(xg_parts, x_local.grad.contiguous())
+    expert_grads = [t * n for t in layer.gather_logical([p.grad for p in layer.expert_tensors()])]
+    if rank != 0:
+        return {}
+    y = torch.empty_like(x)
+    x_grad = torch.empty_like(x)
+    for r in range(n):
+        y[r::n], x_grad[r::n] = y_parts[r], xg_parts[r]
+    x_ref = x.clone().requires_grad_()
+    y_ref = dense(x_ref)
+    (y_ref.float() * g).sum().backward()
+    errs = {
+        "output": rel_err(y, y_ref),
+        "input grad": rel_err(x_grad, x_ref.grad),
+        "gate grad": rel_err(layer.gate.weight.grad, dense.gate.weight.grad),
+    }
+    for name, got, want in zip(("w1", "w3", "w2"), expert_grads, (dense.w1, dense.w3, dense.w2), strict=True):
+        errs[f"{name} grad"] = rel_err(got, want.grad)
+    return errs
+
+
+# ---------------------------------------------------------------------------- 2. host syncs
+def count_syncs(fn: Callable[[], None], device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    sync(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def sync_counts(device: torch.device, dtype: torch.dtype) -> dict[str, int | None]:
+    n = dist.get_world_size()
+    layer = make_layer(device, dtype, redundant=n, backend="auto")
+    x = torch.randn(ARGS.tokens, ARGS.hidden, device=device, dtype=dtype, requires_grad=True)
+
+    def fwd_bwd() -> None:
+        layer(x).float().square().mean().backward()
+
+    fwd_bwd()  # warm up (first-call allocations, NCCL communicators)
+    layer.sync_replica_grads()
+    out: dict[str, int | None] = {}
+    layer.train()
+    out["forward+backward, train (recording)"] = count_syncs(fwd_bwd, device)
+    layer.eval()
+    out["forward+backward, eval (no recording)"] = count_syncs(fwd_bwd, device)
+    out["sync_replica_grads"] = count_syncs(layer.sync_replica_grads, device)
+    out["reset_expert_load"] = count_syncs(layer.reset_expert_load, device)
+    return out
+
+
+# ---------------------------------------------------------------------------- 3./4. timing
+def step_time(layer: ExpertParallelMoE, device: torch.device, dtype: torch.dtype) -> float:
+    """Mean seconds of forward+backward+sync_replica_grads, max over ranks."""
+    gen = torch.Generator().manual_seed(3 + dist.get_rank())
+    x = torch.randn(ARGS.tokens, ARGS.hidden, generator=gen).to(device, dtype).requires_grad_()
+    gy = torch.randn(ARGS.tokens, ARGS.hidden, generator=gen).to(device, dtype)
+    layer.train()
+    start = 0.0
+    for i in range(ARGS.warmup + ARGS.iters):
+        if i == ARGS.warmup:
+            sync(device)
+            dist.barrier()
+            start = time.perf_counter()
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        layer(x).backward(gy)
+        layer.sync_replica_grads()
+        layer.reset_expert_load()
+    sync(device)
+    elapsed = torch.tensor([(time.perf_counter() - start) / ARGS.iters], device=device)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    return float(elapsed)
+
+
+def main() -> None:
+    device = init()
+    rank, n = dist.get_rank(), dist.get_world_size()
+    low = torch.bfloat16 if device.type == "cuda" else torch.float32
+    probe = torch.empty(1, ARGS.hidden, device=device, dtype=low)
+    auto = resolve_backend("auto", probe, ARGS.hidden, ARGS.ffn)
+    lines = [
+        f"# ExpertParallelMoE on {n} x {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}"
+        f" (torch {torch.__version__}): H={ARGS.hidden} F={ARGS.ffn} E={ARGS.experts} top_k={ARGS.top_k}"
+        f" tokens/GPU={ARGS.tokens} iters={ARGS.iters}; backend auto = {auto} for {str(low).split('.')[-1]}",
+        "",
+        "## 1. equivalence with DenseMoE (relative error, norm of difference / norm of reference)",
+        "| dtype | backend | output | input grad | gate grad | w1 grad | w3 grad | w2 grad | verdict |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for dtype, backend, tol in ((torch.float32, "bmm", 1e-4), (low, "auto", 3e-2)):
+        errs = check_equivalence(device, dtype, backend)
+        if rank == 0:
+            verdict = "PASS" if max(errs.values()) < tol else f"FAIL (tol {tol:g})"
+            cells = " | ".join(f"{v:.1e}" for v in errs.values())
+            lines.append(f"| {str(dtype).split('.')[-1]} | {backend} | {cells} | {verdict} |")
+
+    counts = sync_counts(device, low)
+    lines += [
+        "",
+        "## 2. host synchronisations (CUDA sync debug mode warnings)",
+        "| call | syncs |",
+        "| --- | --- |",
+    ]
+    lines += [f"| {k} | {'n/a (CPU)' if v is None else v} |" for k, v in counts.items()]
+
+    solo_groups = [dist.new_group([r]) for r in range(n)]
+    redundant = 0
+    one = step_time(make_layer(device, low, redundant, "auto", group=solo_groups[rank]), device, low)
+    many = step_time(make_layer(device, low, redundant, "auto"), device, low)
+    lines += [
+        "",
+        f"## 3. forward+backward+sync throughput, {ARGS.tokens} tokens per GPU, P = E",
+        "| setup | step ms | tokens/s (all GPUs) | per-GPU efficiency |",
+        "| --- | --- | --- | --- |",
+        f"| 1 GPU, all {ARGS.experts} slots, no collectives | {one * 1e3:.2f} | {ARGS.tokens / one:,.0f} | 1.00 |",
+        f"| {n} GPUs, expert parallel | {many * 1e3:.2f} | {n * ARGS.tokens / many:,.0f} | {one / many:.2f} |",
+    ]
+
+    lines += [
+        "",
+        f"## 4. step time with extra slots at equal tokens ({n} GPUs; slot p holds p % E)",
+        "| backend | P=E ms | P=1.25E ms | P=1.5E ms | +25% | +50% |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for backend in ARGS.backends.split(","):
+        times = []
+        for frac in (0.0, 0.25, 0.5):
+            redundant = round(ARGS.experts * frac / n) * n
+            times.append(step_time(make_layer(device, low, redundant, backend), device, low))
+        lines.append(
+            f"| {backend} | {times[0] * 1e3:.2f} | {times[1] * 1e3:.2f} | {times[2] * 1e3:.2f} "
+            f"| {times[1] / times[0] - 1:+.1%} | {times[2] / times[0] - 1:+.1%} |"
+        )
+    if rank == 0:
+        print("\n".join(lines), flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()
+    main()
