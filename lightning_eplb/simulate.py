@@ -159,7 +159,7 @@ def simulate(
         raise ValueError(
             f"physical slots E + redundant ({E} + {num_redundant} = {P}) must be divisible by num_ranks ({num_ranks})"
         )
-    policy_fn = policy if callable(policy) else functools.partial(rebalance, policy=policy)
+    policy_fn = functools.partial(rebalance, policy=policy)
     static = Placement.contiguous(L, E, P, num_ranks)
     current = static
     balancedness = torch.empty(T, dtype=torch.float64)
