@@ -15,9 +15,7 @@ placement broadcast from rank 0), so ranks never disagree about when to communic
 
 from __future__ import annotations
 
-import math
 import time
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -26,10 +24,9 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch import Tensor
 from typing_extensions import override
 
+from lightning_eplb import _callback_utils as utils
 from lightning_eplb.load import ExpertLoadWindow, WindowLoad, token_statistics
 from lightning_eplb.placement import Placement
 
@@ -109,22 +106,26 @@ class EplbCallback(Callback):
         rearrange: bool = True,
     ) -> None:
         super().__init__()
-        self.step_interval = _positive_int("step_interval", step_interval)
-        self.window_size = _positive_int("window_size", window_size, default=self.step_interval)
-        self.policy = _policy(policy)
-        self.num_nodes = _positive_int("num_nodes", num_nodes, default=None)
-        self.first_rearrangement_step = _positive_int(
+        self.step_interval = utils.positive_int("step_interval", step_interval)
+        self.window_size = utils.positive_int("window_size", window_size, default=self.step_interval)
+        self.policy = utils.policy(policy)
+        self.num_nodes = utils.positive_int("num_nodes", num_nodes, default=None)
+        self.first_rearrangement_step = utils.positive_int(
             "first_rearrangement_step", first_rearrangement_step, default=self.step_interval
         )
-        self.min_improvement = _min_improvement(min_improvement)
-        self.log_every_n_steps = _non_negative_int("log_every_n_steps", log_every_n_steps)
-        self.max_buffer_bytes = _positive_int("max_buffer_bytes", max_buffer_bytes, default=None, minimum=2)
-        self.migrate_optimizer_state = _boolean("migrate_optimizer_state", migrate_optimizer_state)
-        self.trace = _boolean("trace", trace)
-        self.trace_every_n_steps = _positive_int("trace_every_n_steps", trace_every_n_steps, default=None)
+        self.min_improvement = utils.min_improvement(min_improvement)
+        self.log_every_n_steps = utils.non_negative_int("log_every_n_steps", log_every_n_steps)
+        self.max_buffer_bytes = utils.positive_int(
+            "max_buffer_bytes", max_buffer_bytes, default=None, minimum=2
+        )
+        self.migrate_optimizer_state = utils.boolean("migrate_optimizer_state", migrate_optimizer_state)
+        self.trace = utils.boolean("trace", trace)
+        self.trace_every_n_steps = utils.positive_int(
+            "trace_every_n_steps", trace_every_n_steps, default=None
+        )
         if self.trace_every_n_steps is not None and not self.trace:
             raise ValueError(f"trace_every_n_steps ({trace_every_n_steps}) needs trace=True")
-        self.rearrange = _boolean("rearrange", rearrange)
+        self.rearrange = utils.boolean("rearrange", rearrange)
 
         self.layers: list[tuple[str, Any]] = []
         """``(qualified name, layer)`` of every balanced layer, found in :meth:`setup`."""
@@ -164,10 +165,10 @@ class EplbCallback(Callback):
         Every check uses only what is identical on every rank and runs before the first
         collective, so a misconfiguration raises on all ranks together.
         """
-        self.layers = _find_layers(pl_module)
+        self.layers = utils.find_layers(pl_module)
         num_ranks = int(trainer.world_size)
-        _check_strategy(trainer.strategy)
-        num_logical, num_physical, num_groups = _check_layers(self.layers, num_ranks)
+        utils.check_strategy(trainer.strategy)
+        num_logical, num_physical, num_groups = utils.check_layers(self.layers, num_ranks)
         num_nodes = self.num_nodes if self.num_nodes is not None else int(trainer.num_nodes)
         if num_ranks % num_nodes:
             raise ValueError(f"the world size ({num_ranks}) must be divisible by num_nodes ({num_nodes})")
@@ -177,7 +178,7 @@ class EplbCallback(Callback):
         self._verify_ranks_agree(trainer)
         for _, layer in self.layers:
             layer.setup_expert_parallel()
-        _ignore_in_ddp(pl_module, self.layers)
+        utils.ignore_in_ddp(pl_module, self.layers)
         self._expert_param_ids = {id(p) for _, layer in self.layers for p in layer.expert_tensors()}
         shape = (len(self.layers), num_logical, num_physical, self.window_size)
         if self._window is None or self._window_shape() != shape:
@@ -210,7 +211,7 @@ class EplbCallback(Callback):
         for _, layer in self.layers:
             layer.reset_expert_load()  # drop counts of training-mode forwards outside fit
         if self.trace and self._trace_writer is None:
-            self._trace_writer = _open_trace(trainer, self.layers, self._num_ranks)
+            self._trace_writer = utils.open_trace(trainer, self.layers, self._num_ranks)
 
     # ------------------------------------------------------------------ every step
     @override
@@ -225,7 +226,7 @@ class EplbCallback(Callback):
             for _, layer in self.layers:
                 layer.sync_replica_grads()
         if self._clip_norm is not None:
-            _clip_global_norm(optimizer, self.layers, self._clip_norm)
+            utils.clip_global_norm(optimizer, self.layers, self._clip_norm)
 
     @override
     def on_train_batch_end(
@@ -277,14 +278,18 @@ class EplbCallback(Callback):
         _log(pl_module, self.last_stats)
 
     # ------------------------------------------------------------------ rearrangement
-    def _rearrange(self, trainer: pl.Trainer, pl_module: pl.LightningModule, load: WindowLoad, step: int) -> None:
+    def _rearrange(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, load: WindowLoad, step: int
+    ) -> None:
         """Policy, broadcast, migration, new placement buffers, logs. Collective."""
         from lightning_eplb.placement import rebalance
 
         start = time.perf_counter()
         num_logical = int(self.layers[0][1].num_logical_experts)
         load_LE = load.logical_LE.to("cpu", torch.float64)
-        old_LP = torch.stack([layer.physical_to_logical.detach().to("cpu", torch.int64) for _, layer in self.layers])
+        old_LP = torch.stack(
+            [layer.physical_to_logical.detach().to("cpu", torch.int64) for _, layer in self.layers]
+        )
         old = Placement.from_physical_to_logical(old_LP, num_logical, self._num_ranks)
         proposal = rebalance(
             load_LE,
@@ -295,7 +300,7 @@ class EplbCallback(Callback):
             previous=old_LP,
             policy=self.policy,
         )
-        new_LP = _broadcast_from_rank_zero(proposal.physical_to_logical, load.slot_LP.device)
+        new_LP = utils.broadcast_from_rank_zero(proposal.physical_to_logical, load.slot_LP.device)
         new = Placement.from_physical_to_logical(new_LP, num_logical, self._num_ranks)
         before, after = old.balancedness(load_LE), new.balancedness(load_LE)
         measured = float(token_statistics(load.slot_LP, self._num_ranks, load.num_steps).balancedness)
@@ -303,8 +308,13 @@ class EplbCallback(Callback):
         skipped = changed == 0 or after - before < self.min_improvement
         sent = received = 0
         if not skipped:
-            stats = _migrate(
-                trainer, self.layers, old_LP, new_LP, self.max_buffer_bytes, self._num_nodes,
+            stats = utils.migrate(
+                trainer,
+                self.layers,
+                old_LP,
+                new_LP,
+                self.max_buffer_bytes,
+                self._num_nodes,
                 self.migrate_optimizer_state,
             )
             sent, received = stats.bytes_sent, stats.bytes_received
@@ -314,7 +324,9 @@ class EplbCallback(Callback):
                 )
             self.num_rearrangements += 1
             self.last_rearrangement_step = step
-        total_sent, max_received, seconds = _reduce_stats(sent, received, time.perf_counter() - start, new_LP.device)
+        total_sent, max_received, seconds = utils.reduce_stats(
+            sent, received, time.perf_counter() - start, new_LP.device
+        )
         record = {
             "step": float(step),
             "balancedness_before": before,
@@ -341,14 +353,18 @@ class EplbCallback(Callback):
 
     # ------------------------------------------------------------------ checkpoints
     @override
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         """Expert weights and optimizer state in logical layout (every rank takes part)."""
-        _checkpoint_hook("save_expert_state")(self, trainer, pl_module, checkpoint)
+        utils.checkpoint_hook("save_expert_state")(self, trainer, pl_module, checkpoint)
 
     @override
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         """Optimizer state back to the current physical layout."""
-        _checkpoint_hook("load_expert_state")(self, trainer, pl_module, checkpoint)
+        utils.checkpoint_hook("load_expert_state")(self, trainer, pl_module, checkpoint)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -371,7 +387,9 @@ class EplbCallback(Callback):
         """Restore the counters and the window (applied in :meth:`setup` if called before it)."""
         version = state_dict.get("version")
         if version != _STATE_VERSION:
-            raise ValueError(f"EplbCallback state has version {version!r}, this version reads {_STATE_VERSION}")
+            raise ValueError(
+                f"EplbCallback state has version {version!r}, this version reads {_STATE_VERSION}"
+            )
         self.last_rearrangement_step = int(state_dict["last_rearrangement_step"])
         self.num_rearrangements = int(state_dict["num_rearrangements"])
         if self._window is None:
@@ -385,10 +403,14 @@ class EplbCallback(Callback):
         if window is not None:
             keep = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
             if not self._window.load_global_state(window, keep=keep):
-                rank_zero_warn("EplbCallback: the saved load window has other layer or expert counts; starting empty")
+                rank_zero_warn(
+                    "EplbCallback: the saved load window has other layer or expert counts; starting empty"
+                )
 
     @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         self.teardown(trainer, pl_module, "fit")
 
     @override
@@ -406,259 +428,3 @@ def _log(pl_module: pl.LightningModule, values: dict[str, float]) -> None:
     """Log values that are identical on every rank (no sync needed)."""
     for name, value in values.items():
         pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=1)
-
-
-def _clip_global_norm(optimizer: torch.optim.Optimizer, layers: list[tuple[str, Any]], max_norm: float) -> None:
-    """``clip_grad_norm_(params, max_norm)`` with the norm of the model without expert
-    parallelism: replicated parameters once, each logical expert once (a slot's squared
-    norm divided by its expert's replica count, summed over ranks with one all-reduce).
-    No host synchronisation."""
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    if not grads:
-        return
-    expert_grads = {id(p): layer for _, layer in layers for p in layer.expert_tensors() if p.grad is not None}
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    device, dtype = grads[0].device, torch.promote_types(grads[0].dtype, torch.float32)
-    dense_sq = torch.zeros((), dtype=dtype, device=device)
-    expert_sq = torch.zeros((), dtype=dtype, device=device)
-    distributed = dist.is_available() and dist.is_initialized()
-    rank = dist.get_rank() if distributed else 0
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            layer = expert_grads.get(id(p))
-            if layer is None:
-                dense_sq += p.grad.detach().to(dtype).pow(2).sum().to(device)
-                continue
-            slots = p.shape[0]
-            replicas_P = layer.logical_replica_count.index_select(0, layer.physical_to_logical)
-            replicas_S = replicas_P[rank * slots : (rank + 1) * slots].to(device, dtype)
-            per_slot = p.grad.detach().to(dtype).reshape(slots, -1).pow(2).sum(1).to(device)
-            expert_sq += (per_slot / replicas_S).sum()
-    if distributed and any(i in held for i in expert_grads):
-        dist.all_reduce(expert_sq)
-    total = (dense_sq + expert_sq).sqrt()
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    torch._foreach_mul_(grads, coef.to(grads[0].dtype))
-
-
-def _broadcast_from_rank_zero(p2l_LP: Tensor, device: torch.device) -> Tensor:
-    """``(L, P)`` int64 on CPU: rank 0's placement on every rank (guards against nondeterminism)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return p2l_LP.to("cpu", torch.int64)
-    buf = p2l_LP.to(device, torch.int64).contiguous()
-    dist.broadcast(buf, src=0)
-    return buf.cpu()
-
-
-def _reduce_stats(sent: int, received: int, seconds: float, device: torch.device) -> tuple[float, float, float]:
-    """Bytes sent summed over ranks, the busiest rank's bytes received, the slowest rank's seconds."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return float(sent), float(received), seconds
-    mine = torch.tensor([sent, received, seconds], dtype=torch.float64, device=device)
-    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, mine)
-    table = torch.stack(parts).cpu()
-    return float(table[:, 0].sum()), float(table[:, 1].max()), float(table[:, 2].max())
-
-
-
-# ---------------------------------------------------------------------------- argument checks
-_POLICY_NAMES = ("balanced", "deepseek")
-
-
-def _positive_int(name: str, value: int | None, default: int | None = 0, minimum: int = 1) -> Any:
-    """``value`` as an int >= ``minimum``; ``None`` gives ``default`` (``0`` means required)."""
-    if value is None and default != 0:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} ({value!r}) must be an int >= {minimum}")
-    return int(value)
-
-
-def _non_negative_int(name: str, value: int | None) -> int | None:
-    return None if value is None else _positive_int(name, value, minimum=0)
-
-
-def _boolean(name: str, value: bool) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} ({value!r}) must be True or False")
-    return value
-
-
-def _policy(value: str | Callable[..., Placement]) -> str | Callable[..., Placement]:
-    if isinstance(value, str):
-        if value not in _POLICY_NAMES:
-            raise ValueError(f"policy ({value!r}) must be one of {_POLICY_NAMES} or a callable like rebalance")
-        return value
-    if not callable(value):
-        raise ValueError(f"policy ({value!r}) must be one of {_POLICY_NAMES} or a callable like rebalance")
-    return value
-
-
-def _min_improvement(value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"min_improvement ({value!r}) must be a finite number in [-1, 1]")
-    if not -1.0 <= value <= 1.0:
-        raise ValueError(f"min_improvement ({value!r}) must lie in [-1, 1] (it is a balancedness difference)")
-    return float(value)
-
-
-# ---------------------------------------------------------------------------- setup checks
-def _find_layers(pl_module: pl.LightningModule) -> list[tuple[str, Any]]:
-    """``(qualified name, layer)`` of every :class:`BalanceableMoE` submodule, outermost only."""
-    from lightning_eplb.protocol import BalanceableMoE
-
-    layers: list[tuple[str, Any]] = []
-    for name, module in pl_module.named_modules():
-        if isinstance(module, BalanceableMoE) and not any(name.startswith(f"{n}.") for n, _ in layers if n):
-            layers.append((name, module))
-    if not layers:
-        hint = ""
-        if pl.utilities.model_helpers.is_overridden("configure_model", pl_module):
-            hint = " Layers built in configure_model() come too late: build them in __init__ or setup()."
-        raise MisconfigurationException(
-            f"EplbCallback found no balanceable MoE layer (lightning_eplb.BalanceableMoE) in "
-            f"{type(pl_module).__name__}: add an ExpertParallelMoE or remove the callback.{hint}"
-        )
-    return layers
-
-
-def _check_strategy(strategy: Any) -> None:
-    from lightning.pytorch.strategies import (
-        DDPStrategy,
-        DeepSpeedStrategy,
-        SingleDeviceStrategy,
-        SingleDeviceXLAStrategy,
-        XLAStrategy,
-    )
-
-    unsupported = (DeepSpeedStrategy, XLAStrategy, SingleDeviceXLAStrategy)
-    if not isinstance(strategy, (DDPStrategy, SingleDeviceStrategy)) or isinstance(strategy, unsupported):
-        raise MisconfigurationException(
-            f"EplbCallback supports a single device or DDP (strategy='ddp', 'ddp_spawn', ...), got "
-            f"{type(strategy).__name__}: FSDP, DeepSpeed and model-parallel strategies shard or replicate "
-            "the expert tensors themselves"
-        )
-
-
-def _check_layers(layers: list[tuple[str, Any]], num_ranks: int) -> tuple[int, int, int]:
-    """``(E, P, G)`` shared by all layers; raises on layers that cannot be balanced together."""
-    first_name, first = layers[0]
-    num_logical, num_physical = int(first.num_logical_experts), int(first.num_physical_experts)
-    num_groups = int(getattr(first, "num_expert_groups", 1))
-    for name, layer in layers:
-        sizes = (int(layer.num_logical_experts), int(layer.num_physical_experts))
-        if sizes != (num_logical, num_physical):
-            raise MisconfigurationException(
-                f"all balanced layers must have the same (num_logical_experts, num_physical_experts): "
-                f"{first_name or 'the module'} has {(num_logical, num_physical)}, {name} has {sizes}"
-            )
-        if int(getattr(layer, "num_expert_groups", 1)) != num_groups:
-            raise MisconfigurationException(
-                f"all balanced layers must have the same num_expert_groups: {first_name} has {num_groups}, "
-                f"{name} has {getattr(layer, 'num_expert_groups', 1)}"
-            )
-        group = getattr(layer, "process_group", None)
-        if group is not None and dist.is_available() and dist.is_initialized():
-            if dist.get_world_size(group) != num_ranks:
-                raise MisconfigurationException(
-                    f"layer {name} has an expert-parallel group of {dist.get_world_size(group)} ranks; "
-                    f"EplbCallback needs the whole world ({num_ranks} ranks): pass process_group=None"
-                )
-    if num_physical % num_ranks:
-        raise MisconfigurationException(
-            f"num_physical_experts ({num_physical}) = experts ({num_logical}) + redundant experts "
-            f"({num_physical - num_logical}) must be divisible by the world size ({num_ranks}); "
-            "change num_redundant_experts or the number of devices"
-        )
-    return num_logical, num_physical, num_groups
-
-
-_LAYER_BUFFERS = ("physical_to_logical", "logical_to_physical", "logical_replica_count", "expert_load")
-
-
-def _ignore_in_ddp(pl_module: pl.LightningModule, layers: list[tuple[str, Any]]) -> None:
-    """Add expert parameters and the layers' placement/load buffers to
-    ``pl_module._ddp_params_and_buffers_to_ignore`` (extending a list already there).
-
-    Expert gradients are synced by ``sync_replica_grads``; ``expert_load`` differs on every
-    rank and must not be overwritten by DDP's buffer broadcast; the placement buffers are
-    identical everywhere and changed only by the callback, so broadcasting them every
-    forward would be wasted work.
-    """
-    names = list(getattr(pl_module, "_ddp_params_and_buffers_to_ignore", []) or [])
-    for name, layer in layers:
-        prefix = f"{name}." if name else ""
-        ids = {id(p) for p in layer.expert_tensors()}
-        names += [prefix + n for n, p in layer.named_parameters() if id(p) in ids]
-        named = dict(layer.named_buffers())
-        names += [prefix + b for b in _LAYER_BUFFERS if b in named]
-    pl_module._ddp_params_and_buffers_to_ignore = list(dict.fromkeys(names))
-
-
-# ---------------------------------------------------------------------------- rearrangement helpers
-def _migrate(
-    trainer: pl.Trainer,
-    layers: list[tuple[str, Any]],
-    old_LP: Tensor,
-    new_LP: Tensor,
-    max_buffer_bytes: int | None,
-    num_nodes: int,
-    with_optimizer_state: bool,
-) -> Any:
-    """One :func:`migrate_experts` call for the weights (and optimizer state) of every layer."""
-    from lightning_eplb.migration import migrate_experts, optimizer_state_tensors
-
-    optimizers = [getattr(o, "_optimizer", o) for o in trainer.optimizers] if with_optimizer_state else []
-    tensors: list[list[Tensor]] = []
-    for _, layer in layers:
-        params = list(layer.expert_tensors())
-        row = [p.detach() for p in params]
-        for optimizer in optimizers:
-            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            mine = [p for p in params if id(p) in held]
-            if mine:
-                row += optimizer_state_tensors(optimizer, mine)
-        tensors.append(row)
-    with torch.no_grad():
-        stats = migrate_experts(old_LP, new_LP, tensors, group=None, max_buffer_bytes=max_buffer_bytes, num_nodes=num_nodes)
-    for _, layer in layers:
-        for p in layer.expert_tensors():
-            p.grad = None  # gradients of the old placement mean nothing in the new one
-    return stats
-
-
-def _open_trace(trainer: pl.Trainer, layers: list[tuple[str, Any]], num_ranks: int) -> Any:
-    """A ``TraceWriter`` on global rank 0 (None elsewhere). Calls ``trainer.log_dir`` on every
-    rank (it broadcasts)."""
-    import os
-
-    from lightning_eplb import trace
-
-    root = trainer.log_dir or trainer.default_root_dir
-    if trainer.global_rank != 0:
-        return None
-    if not hasattr(trace, "TraceWriter"):
-        rank_zero_warn("EplbCallback(trace=True): lightning_eplb.trace.TraceWriter is missing; no trace is written")
-        return None
-    first = layers[0][1]
-    return trace.TraceWriter(
-        os.path.join(root, "eplb_trace.npz"),
-        len(layers),
-        int(first.num_logical_experts),
-        int(first.num_physical_experts),
-        num_ranks,
-    )
-
-
-def _checkpoint_hook(name: str) -> Callable[..., None]:
-    """``lightning_eplb.checkpoint.<name>``, or a no-op while that module lacks it."""
-    from lightning_eplb import checkpoint
-
-    hook = getattr(checkpoint, name, None)
-    if hook is None:
-        warnings.warn(f"lightning_eplb.checkpoint.{name} is missing: expert state is saved per rank", stacklevel=2)
-        return lambda *args: None
-    return hook

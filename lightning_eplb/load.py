@@ -152,7 +152,9 @@ class ExpertLoadWindow(Metric):
     logical_counts: Tensor
     cursor: Tensor
 
-    def __init__(self, num_layers: int, num_logical: int, num_physical: int, window_size: int, **kwargs: Any) -> None:
+    def __init__(
+        self, num_layers: int, num_logical: int, num_physical: int, window_size: int, **kwargs: Any
+    ) -> None:
         for name, value in (
             ("num_layers", num_layers),
             ("num_logical", num_logical),
@@ -170,7 +172,9 @@ class ExpertLoadWindow(Metric):
         self.num_layers, self.num_logical = num_layers, num_logical
         self.num_physical, self.window_size = num_physical, window_size
         shape_LP, shape_LE = (window_size, num_layers, num_physical), (window_size, num_layers, num_logical)
-        self.add_state("slot_counts", torch.zeros(shape_LP, dtype=torch.int32), dist_reduce_fx="sum", persistent=True)
+        self.add_state(
+            "slot_counts", torch.zeros(shape_LP, dtype=torch.int32), dist_reduce_fx="sum", persistent=True
+        )
         self.add_state(
             "logical_counts", torch.zeros(shape_LE, dtype=torch.int32), dist_reduce_fx="sum", persistent=True
         )
@@ -200,7 +204,9 @@ class ExpertLoadWindow(Metric):
         """This rank's window summed over its steps; no communication, no host synchronisation."""
         num_steps = torch.clamp(self.cursor, max=self.window_size)
         return WindowLoad(
-            self.slot_counts.sum(0, dtype=torch.int64), self.logical_counts.sum(0, dtype=torch.int64), num_steps
+            self.slot_counts.sum(0, dtype=torch.int64),
+            self.logical_counts.sum(0, dtype=torch.int64),
+            num_steps,
         )
 
     def compute(self) -> WindowLoad:
@@ -210,7 +216,10 @@ class ExpertLoadWindow(Metric):
         One ``all_reduce`` (sum) of the ``(L, P)`` and ``(L, E)`` sums packed together.
         """
         local = self.local_sum()
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(self.process_group) == 1:
+        if (
+            not (dist.is_available() and dist.is_initialized())
+            or dist.get_world_size(self.process_group) == 1
+        ):
             return local
         flat = torch.cat([local.slot_LP.flatten(), local.logical_LE.flatten()])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.process_group)
@@ -231,7 +240,10 @@ class ExpertLoadWindow(Metric):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
             flat = torch.cat([slot_WLP.flatten(), logical_WLE.flatten()])
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.process_group)
-            slot_WLP, logical_WLE = flat[: slot_WLP.numel()].view_as(slot_WLP), flat[slot_WLP.numel() :].view_as(logical_WLE)
+            slot_WLP, logical_WLE = (
+                flat[: slot_WLP.numel()].view_as(slot_WLP),
+                flat[slot_WLP.numel() :].view_as(logical_WLE),
+            )
         return {
             "slot_counts": slot_WLP.cpu(),
             "logical_counts": logical_WLE.cpu(),
@@ -253,7 +265,9 @@ class ExpertLoadWindow(Metric):
             False (and nothing changed) if the saved ``(L, E, P)`` differ from this window's.
         """
         slot_WLP, logical_WLE = state["slot_counts"], state["logical_counts"]
-        if tuple(slot_WLP.shape[1:]) != (self.num_layers, self.num_physical) or tuple(logical_WLE.shape[1:]) != (
+        if tuple(slot_WLP.shape[1:]) != (self.num_layers, self.num_physical) or tuple(
+            logical_WLE.shape[1:]
+        ) != (
             self.num_layers,
             self.num_logical,
         ):

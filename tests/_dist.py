@@ -32,7 +32,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, timeout_s: float, args: tuple) -> None:
+def _entry(
+    rank: int, fn: Callable[..., Any], world_size: int, port: int, timeout_s: float, args: tuple, init: bool = True
+) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -41,18 +43,27 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, timeou
         WORLD_SIZE=str(world_size),
     )
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    if init:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
     try:
         fn(rank, world_size, *args)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
-def spawn(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout_s: float = 60.0) -> None:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo processes; re-raise a worker's error."""
+def spawn(
+    fn: Callable[..., Any], world_size: int, args: tuple = (), timeout_s: float = 60.0, init: bool = True
+) -> None:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo processes; re-raise a worker's error.
+
+    With ``init=False`` the workers get the environment variables (``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) but no process group: Lightning (or the
+    worker) creates it, as under an external launcher such as torchrun.
+    """
     mp.start_processes(
         _entry,
-        args=(fn, world_size, free_port(), timeout_s, args),
+        args=(fn, world_size, free_port(), timeout_s, args, init),
         nprocs=world_size,
         join=True,
         start_method="spawn",
