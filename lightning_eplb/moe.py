@@ -19,6 +19,8 @@ there are no collectives; with the ``grouped_mm`` backend no host synchronisatio
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -88,6 +90,11 @@ class ExpertParallelMoE(nn.Module):
         >>> int(moe.expert_load.sum())  # 15 tokens x top_k 2
         30
     """
+
+    physical_to_logical: Tensor
+    logical_to_physical: Tensor
+    logical_replica_count: Tensor
+    expert_load: Tensor
 
     def __init__(
         self,
@@ -262,7 +269,7 @@ class ExpertParallelMoE(nn.Module):
             self.num_local_experts,
         )
 
-    def gather_logical(self, tensors: list[Tensor]) -> list[Tensor]:
+    def gather_logical(self, tensors: Sequence[Tensor]) -> list[Tensor]:
         """Logical ``(E, ...)`` copies of per-slot tensors (weights, grads, optimizer state).
 
         Collective when set up on several ranks: every rank of the group calls it and gets
@@ -285,7 +292,7 @@ class ExpertParallelMoE(nn.Module):
             out.append(full.index_select(0, first_E.to(full.device)))
         return out
 
-    def load_logical_experts(self, tensors: list[Tensor]) -> None:
+    def load_logical_experts(self, tensors: Sequence[Tensor]) -> None:
         """Copy logical weights ``[w1 (E, F, H), w3 (E, F, H), w2 (E, H, F)]`` into this
         rank's slots under the current placement (no communication)."""
         lo = self._ep_rank * self.num_local_experts
@@ -345,6 +352,8 @@ class ExpertParallelMoE(nn.Module):
         Returns:
             ``(C,)`` int64 replica index in ``[0, replica_count[e])``.
         """
+        if self._replicas.num_replicated == 0:  # known on the host: every expert has one slot
+            return torch.zeros_like(expert_C)
         num_copies = expert_C.numel()
         order_C = torch.argsort(expert_C, stable=True)
         per_expert_E = torch.zeros(self.num_logical_experts, dtype=torch.int64, device=expert_C.device)
