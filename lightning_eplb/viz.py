@@ -30,6 +30,7 @@ __all__ = [
     "rearrangement_figures",
     "save_heatmaps",
     "save_simulation_plot",
+    "save_trace_heatmaps",
     "simulation_figure",
 ]
 
@@ -241,6 +242,39 @@ def log_figures(
     if out_dir is None:
         out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "eplb"
     return save_heatmaps(load, old_p2l_LP, new_p2l_LP, num_ranks, out_dir, step=step)
+
+
+def save_trace_heatmaps(
+    path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, last: int | None = None
+) -> list[Path]:
+    """Draw :func:`save_heatmaps` for the rearrangements recorded in a trace file.
+
+    Each rearrangement is drawn on the load window recorded at its step (the callback records
+    one with every rearrangement); rearrangements without one are skipped.
+
+    Args:
+        path: a trace written by :class:`lightning_eplb.trace.TraceWriter`.
+        out_dir: folder for the PNG files.
+        last: only the last ``last`` rearrangements (default: all).
+
+    Returns:
+        The written paths, two per drawn rearrangement.
+    """
+    from lightning_eplb.trace import read_trace
+
+    trace = read_trace(path)
+    steps = trace.steps.tolist()
+    paths: list[Path] = []
+    events = range(trace.num_rearrangements)
+    for k in list(events)[-last:] if last else events:
+        step = int(trace.rearrangement_steps[k])
+        if step not in steps:
+            continue
+        load_LE = trace.loads[len(steps) - 1 - steps[::-1].index(step)]
+        paths += save_heatmaps(
+            load_LE, trace.placements_before[k], trace.placements[k], trace.num_ranks, out_dir, step=step
+        )
+    return paths
 
 
 def simulation_figure(result: SimulationResult) -> Figure:

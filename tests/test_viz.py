@@ -111,3 +111,18 @@ def test_simulation_plot(tmp_path: Path) -> None:
     )
     path = save_simulation_plot(result, tmp_path / "a" / "sim.png")
     assert path.read_bytes()[:8] == PNG
+
+
+def test_save_trace_heatmaps(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from lightning_eplb.trace import TraceWriter
+    from lightning_eplb.viz import save_trace_heatmaps
+
+    load, old, new = _example()
+    with TraceWriter(tmp_path / "t.npz", num_layers=4, num_logical=8, num_physical=12, num_ranks=4) as w:
+        w.add_window(5, load)
+        w.add_rearrangement(5, old, new, 0.5, 0.9, bytes_moved=0, seconds=0.0)
+        w.add_rearrangement(9, new, old, 0.9, 0.5, bytes_moved=0, seconds=0.0)  # no window at step 9: skipped
+    paths = save_trace_heatmaps(tmp_path / "t.npz", tmp_path / "png")
+    assert [p.name for p in paths] == ["expert_load_step0000005.png", "rank_load_step0000005.png"]
+    assert save_trace_heatmaps(tmp_path / "t.npz", tmp_path / "png2", last=1) == []
