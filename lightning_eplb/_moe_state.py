@@ -58,7 +58,9 @@ class ReplicaIndex:
     def on(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """``(local_slots, rows)`` on ``device``, copied once per placement."""
         if device not in self._on_device:
-            self._on_device[device] = (self.local_slots.to(device), self.rows.to(device))
+            # non_blocking: a host-to-device copy from pageable memory without a stream sync
+            slots = self.local_slots.to(device, non_blocking=True)
+            self._on_device[device] = (slots, self.rows.to(device, non_blocking=True))
         return self._on_device[device]
 
 

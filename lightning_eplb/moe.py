@@ -212,6 +212,7 @@ class ExpertParallelMoE(nn.Module):
             old = getattr(self, name)
             setattr(self, name, nn.Parameter(old.detach()[lo:hi].clone(), requires_grad=old.requires_grad))
         self._ep_group, self._ep_size, self._ep_rank, self._is_setup = group, num_ranks, rank, True
+        self.process_group = group
         self._refresh_replica_index()
 
     def expert_tensors(self) -> list[nn.Parameter]:
