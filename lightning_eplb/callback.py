@@ -179,6 +179,8 @@ class EplbCallback(Callback):
         for _, layer in self.layers:
             layer.setup_expert_parallel()
         utils.ignore_in_ddp(pl_module, self.layers)
+        # a checkpoint of another model shape fails with a clear ValueError at weight loading
+        utils.checkpoint_hook("install_load_checks")(pl_module, self.layers)
         self._expert_param_ids = {id(p) for _, layer in self.layers for p in layer.expert_tensors()}
         shape = (len(self.layers), num_logical, num_physical, self.window_size)
         if self._window is None or self._window_shape() != shape:
@@ -339,7 +341,7 @@ class EplbCallback(Callback):
             "skipped": float(skipped),
         }
         self.rearrangements.append(record)
-        _log(pl_module, {f"eplb/rearrangement/{k}": v for k, v in record.items() if k != "step"})
+        _log_event(trainer, {f"eplb/rearrangement/{k}": v for k, v in record.items() if k != "step"})
         if self._trace_writer is not None:
             self._trace_writer.add_window(step, load_LE)
             self._trace_writer.add_rearrangement(
@@ -428,3 +430,12 @@ def _log(pl_module: pl.LightningModule, values: dict[str, float]) -> None:
     """Log values that are identical on every rank (no sync needed)."""
     for name, value in values.items():
         pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=1)
+
+
+def _log_event(trainer: pl.Trainer, values: dict[str, float]) -> None:
+    """Write one row per event straight to the loggers (rank zero only, as
+    ``LearningRateMonitor`` does): values given to ``pl_module.log`` would be written again
+    at every later logging step of the epoch and read as more rearrangements."""
+    step = int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
+    for logger in trainer.loggers:
+        logger.log_metrics(values, step=step)
