@@ -254,16 +254,16 @@ def main() -> None:
         f"| {n} GPUs, expert parallel | {many * 1e3:.2f} | {n * ARGS.tokens / many:,.0f} | {one / many:.2f} |",
     ]
 
+    extras = [round(ARGS.experts * frac / n) * n for frac in (0.0, 0.25, 0.5)]  # R, a multiple of N
     lines += [
         "",
         f"## 4. step time with extra slots at equal tokens ({n} GPUs; slot p holds p % E)",
-        "| backend | P=E ms | P=1.25E ms | P=1.5E ms | +25% | +50% |",
+        "| backend | " + " | ".join(f"P={ARGS.experts + r} ms" for r in extras) + " | +25% | +50% |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for backend in ARGS.backends.split(","):
         times = []
-        for frac in (0.0, 0.25, 0.5):
-            redundant = round(ARGS.experts * frac / n) * n
+        for redundant in extras:
             times.append(step_time(make_layer(device, low, redundant, backend), device, low))
         lines.append(
             f"| {backend} | {times[0] * 1e3:.2f} | {times[1] * 1e3:.2f} | {times[2] * 1e3:.2f} "
