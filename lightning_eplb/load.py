@@ -281,6 +281,7 @@ class ExpertLoadWindow(Metric):
             self.slot_counts[:kept] = slot_WLP[rows].to(device, torch.int32)
             self.logical_counts[:kept] = logical_WLE[rows].to(device, torch.int32)
         self.cursor.fill_(kept)
+        self._update_count = int(kept > 0)  # torchmetrics warns on compute() before any update
         return True
 
     def forward(self, *args: Any, **kwargs: Any) -> None:
