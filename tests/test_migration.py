@@ -125,6 +125,12 @@ def _run_random_migrations(rank: int, world_size: int, device: str) -> None:
             totals = torch.tensor([stats.bytes_sent, stats.bytes_received], device=device)
             dist.all_reduce(totals)
             assert totals[0] == totals[1]
+    # ranks that disagree (here: an extra tensor on rank 0) all fail with the same error, no hang
+    old, new, num_slots, _ = _random_case(2, world_size)
+    layers = fill_layers(old, rank, num_slots, device=device)
+    extra = [torch.zeros(num_slots, 2, device=device)] if rank == 0 else []
+    with pytest.raises(ValueError, match="ranks disagree on tensors per layer, row bytes"):
+        migrate_experts(old, new, [layers[0] + extra, layers[1]])
     # identical placements move nothing and change nothing
     old, _, num_slots, _ = _random_case(1, world_size)
     layers = fill_layers(old, rank, num_slots, device=device)
@@ -140,28 +146,30 @@ def _run_adam_follows_expert(rank: int, world_size: int, device: str) -> None:
     gen = torch.Generator().manual_seed(7)
     old = random_placement(gen, 1, num_logical, num_physical)[0]
     new = random_placement(gen, 1, num_logical, num_physical)[0]
-    ref = torch.nn.Parameter(torch.randn(num_logical, 4, 3, generator=gen))  # logical experts (E, 4, 3)
-    grads = [torch.randn(num_logical, 4, 3, generator=gen) for _ in range(2)]
+    # reference: the logical experts (E, 4, 3) on the same device, so the same kernels run
+    ref = torch.nn.Parameter(torch.randn(num_logical, 4, 3, generator=gen).to(device))
+    grads = [torch.randn(num_logical, 4, 3, generator=gen).to(device) for _ in range(2)]
     mine = slice(rank * num_slots, (rank + 1) * num_slots)
+    old_mine, new_mine = old[mine].to(device), new[mine].to(device)
 
     def make_opt(p: torch.nn.Parameter) -> torch.optim.Optimizer:
         return torch.optim.AdamW([p], lr=0.1, betas=(0.8, 0.9), weight_decay=0.01, amsgrad=True)
 
     ref_opt = make_opt(ref)
-    w = torch.nn.Parameter(ref.detach()[old[mine]].clone().to(device))  # physical (S, 4, 3)
+    w = torch.nn.Parameter(ref.detach()[old_mine].clone())  # physical (S, 4, 3)
     opt = make_opt(w)
-    for p, o, g in ((ref, ref_opt, grads[0]), (w, opt, grads[0][old[mine]].to(device))):
+    for p, o, g in ((ref, ref_opt, grads[0]), (w, opt, grads[0][old_mine])):
         p.grad = g
         o.step()
     state = optimizer_state_tensors(opt, [w])
     assert len(state) == 3  # exp_avg, exp_avg_sq, max_exp_avg_sq
     migrate_experts(old, new, [[w, *state]])
-    for p, o, g in ((ref, ref_opt, grads[1]), (w, opt, grads[1][new[mine]].to(device))):
+    for p, o, g in ((ref, ref_opt, grads[1]), (w, opt, grads[1][new_mine])):
         p.grad = g
         o.step()
-    assert torch.equal(w.detach().cpu(), ref.detach()[new[mine]])
+    assert torch.equal(w.detach(), ref.detach()[new_mine])
     for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-        assert torch.equal(opt.state[w][key].cpu(), ref_opt.state[ref][key][new[mine]]), key
+        assert torch.equal(opt.state[w][key], ref_opt.state[ref][key][new_mine]), key
     assert float(opt.state[w]["step"]) == float(ref_opt.state[ref]["step"]) == 2.0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_eplb.migration import MigrationPlan, plan_migration
+from lightning_eplb.migration import MigrationPlan, _build_batches, _staging_rows, plan_migration
 from tests.test_migration import random_placement
 
 
@@ -123,3 +123,33 @@ def test_bad_inputs_raise() -> None:
         plan_migration(p2l, -p2l, 2)
     with pytest.raises(ValueError, match="3 entries"):
         plan_migration(p2l, p2l, 2).bytes_per_rank([1, 2, 3])
+
+
+@pytest.mark.parametrize("cap", [1, 7, 100, 513, 10_000])
+def test_batches_cover_every_byte_once_within_the_staging_cap(cap: int) -> None:
+    gen = torch.Generator().manual_seed(cap)
+    old = random_placement(gen, 3, 9, 12)
+    new = random_placement(gen, 3, 9, 12)
+    plan = plan_migration(old, new, 4)
+    row_bytes = [[30, 7, 1200], [0, 64], [5]]
+    covered = {(layer, t): [] for layer, sizes in enumerate(row_bytes) for t in range(len(sizes))}
+    for batch in _build_batches(plan, row_bytes, cap):
+        staging = [0] * 4
+        for part in batch:
+            covered[(part.layer, part.tensor)].append((part.start, part.stop))
+            for rank, rp in enumerate(plan.layers[part.layer]):
+                staging[rank] += _staging_rows(rp) * (part.stop - part.start)
+        costs = [_staging_rows(rp) for ranks in plan.layers for rp in ranks]
+        assert max(staging) <= max(cap, max(costs))  # one byte per staged row is the floor
+    for (layer, t), ranges in covered.items():
+        assert sorted(ranges) == _tiling(sorted(ranges), row_bytes[layer][t]), (layer, t)
+
+
+def _tiling(ranges: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """``ranges`` if they tile ``[0, size)`` exactly (no gap, no overlap), else ``[]``."""
+    position = 0
+    for start, stop in ranges:
+        if start != position or stop <= start:
+            return []
+        position = stop
+    return ranges if position == size else []
