@@ -196,7 +196,7 @@ def check_layers(layers: list[tuple[str, Any]], num_ranks: int) -> tuple[int, in
     return num_logical, num_physical, num_groups
 
 
-_LAYER_BUFFERS = ("physical_to_logical", "logical_to_physical", "logical_replica_count", "expert_load")
+LAYER_BUFFERS = ("physical_to_logical", "logical_to_physical", "logical_replica_count", "expert_load")
 
 
 def ignore_in_ddp(pl_module: pl.LightningModule, layers: list[tuple[str, Any]]) -> None:
@@ -214,7 +214,7 @@ def ignore_in_ddp(pl_module: pl.LightningModule, layers: list[tuple[str, Any]]) 
         ids = {id(p) for p in layer.expert_tensors()}
         names += [prefix + n for n, p in layer.named_parameters() if id(p) in ids]
         named = dict(layer.named_buffers())
-        names += [prefix + b for b in _LAYER_BUFFERS if b in named]
+        names += [prefix + b for b in LAYER_BUFFERS if b in named]
     pl_module._ddp_params_and_buffers_to_ignore = list(dict.fromkeys(names))
 
 
