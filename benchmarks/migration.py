@@ -106,8 +106,8 @@ def _p2p(nbytes: int, peers: list[int], device: torch.device, iters: int) -> flo
     return nbytes * len(peers) / statistics.median(times) / GB
 
 
-def _message_bytes(old, new, world: int, row_bytes: list[list[int]], budget: int) -> int:
-    """Mean size of one per-peer message of the migration (over all ranks and batches)."""
+def _message_bytes(old, new, world: int, row_bytes: list[list[int]], budget: int) -> tuple[int, int]:
+    """Mean size of one per-peer message of the migration (over all ranks and batches), and batches."""
     plan = plan_migration(old, new, world)
     batches = _build_batches(plan, row_bytes, budget // 2)
     sizes = []
@@ -119,7 +119,7 @@ def _message_bytes(old, new, world: int, row_bytes: list[list[int]], budget: int
                 for peer, slots in ops[part.layer].recv.items():
                     per_peer[peer] = per_peer.get(peer, 0) + len(slots) * (part.stop - part.start)
             sizes += [n for n in per_peer.values() if n]
-    return int(statistics.mean(sizes)) if sizes else 0
+    return (int(statistics.mean(sizes)) if sizes else 0), len(batches)
 
 
 def main() -> None:
@@ -128,7 +128,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--experts", type=int, default=16, help="logical experts per layer")
     parser.add_argument("--redundant", type=int, default=4, help="redundant slots per layer")
-    parser.add_argument("--budgets", default="1,2", help="max_buffer_bytes as multiples of the default")
+    parser.add_argument("--budgets", default="1,2,4", help="max_buffer_bytes as multiples of the default")
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -156,8 +156,8 @@ def main() -> None:
     rows = []
     current = old
     for mult in [float(x) for x in args.budgets.split(",")]:
-        budget = args_budget(mult, default_budget)
-        msg = _message_bytes(old, new, world, row_bytes, budget)
+        budget = int(default_budget * mult)
+        msg, num_batches = _message_bytes(old, new, world, row_bytes, budget)
         p2p_msg = _p2p(msg, partner, device, iters) if msg else float("nan")
         p2p_all = _p2p(msg, others, device, iters) if msg else float("nan")
         times, peaks, stats = [], [], None
@@ -181,67 +181,69 @@ def main() -> None:
         secs = statistics.median(times)
         gbps = stats.bytes_received / secs / GB
         rows.append(
-            (
-                mult,
-                budget,
-                msg,
-                p2p_msg,
-                p2p_all,
-                stats.bytes_received,
-                stats.bytes_sent,
-                secs,
-                gbps,
-                max(peaks or [0]),
-                ok,
+            dict(
+                mult=mult,
+                budget=budget,
+                batches=num_batches,
+                msg=msg,
+                p2p_msg=p2p_msg,
+                p2p_all=p2p_all,
+                recv=stats.bytes_received,
+                sent=stats.bytes_sent,
+                secs=secs,
+                gbps=gbps,
+                peak=max(peaks or [0]),
+                ok=ok,
             )
         )
 
     gathered: list = [None] * world
     dist.all_gather_object(gathered, (rank, p2p_big, rows))
     if rank == 0:
-        name = torch.cuda.get_device_name(device) if use_cuda else "CPU (gloo)"
-        print(
-            f"# migration benchmark: {world} ranks, {name}, torch {torch.__version__}, backend {dist.get_backend()}"
-        )
-        print(
-            f"# L={args.layers} E={args.experts} P={args.experts + args.redundant} S={slots}; slot = "
-            f"{slot_bytes / 1e6:.1f} MB (3 bf16 matrices + 6 fp32 Adam moments); new placement: {source}"
-        )
-        print(
-            f"# planned MB received per rank {[round(int(x) / 1e6, 1) for x in received]}, "
-            f"sent {[round(int(x) / 1e6, 1) for x in sent]}"
-        )
-        print(
-            "| budget (x default) | bound MB | msg MB | rank | recv MB | sent MB | ms | GB/s | "
-            f"P2P {big >> 20} MiB GB/s | % of it | P2P msg GB/s | P2P msg all-peer GB/s | peak extra MB | ok |"
-        )
-        print("|---" * 14 + "|")
-        for r, p2p_r, rank_rows in sorted(gathered):
-            for mult, budget, msg, p2p_msg, p2p_all, rb, sb, secs, gbps, peak, ok in rank_rows:
-                print(
-                    f"| {mult:g} | {budget / 1e6:.1f} | {msg / 1e6:.1f} | {r} | {rb / 1e6:.1f} | {sb / 1e6:.1f} | "
-                    f"{secs * 1e3:.2f} | {gbps:.1f} | {p2p_r:.1f} | {100 * gbps / p2p_r:.0f}% | {p2p_msg:.1f} | "
-                    f"{p2p_all:.1f} | {peak / 1e6:.1f} | {ok} |"
-                )
-        p2p_ref = statistics.mean(p for _, p, _ in gathered)
-        for i, mult in enumerate(float(x) for x in args.budgets.split(",")):
-            per_rank = [rank_rows[i] for _, _, rank_rows in gathered]
-            secs = max(row[7] for row in per_rank)
-            mean_gbps = statistics.mean(row[8] for row in per_rank)
-            busiest = max(max(row[5], row[6]) for row in per_rank)
-            print(
-                f"# budget x{mult:g}: mean per-rank received GB/s {mean_gbps:.1f} = "
-                f"{100 * mean_gbps / p2p_ref:.0f}% of P2P {big >> 20} MiB ({p2p_ref:.1f} GB/s); busiest rank "
-                f"moves {busiest / 1e6:.0f} MB one way in {secs * 1e3:.2f} ms = {busiest / secs / GB:.1f} GB/s = "
-                f"{100 * busiest / secs / GB / p2p_ref:.0f}% of P2P; peak extra "
-                f"{max(row[9] for row in per_rank) / 1e6:.0f} MB <= bound {int(args_budget(mult, default_budget)) / 1e6:.0f} MB"
-            )
+        _report(args, gathered, world, device, use_cuda, slots, slot_bytes, source, sent, received, big)
     dist.barrier()
     dist.destroy_process_group()
 
 
-def args_budget(mult: float, default_budget: int) -> int:
-    return int(default_budget * mult)
+def _report(args, gathered, world, device, use_cuda, slots, slot_bytes, source, sent, received, big) -> None:
+    name = torch.cuda.get_device_name(device) if use_cuda else "CPU (gloo)"
+    print(
+        f"# migration benchmark: {world} ranks, {name}, torch {torch.__version__}, backend {dist.get_backend()}"
+    )
+    print(
+        f"# L={args.layers} E={args.experts} P={args.experts + args.redundant} S={slots}; slot = "
+        f"{slot_bytes / 1e6:.1f} MB (3 bf16 matrices + 6 fp32 Adam moments); new placement: {source}"
+    )
+    print(
+        f"# planned MB received per rank {[round(int(x) / 1e6, 1) for x in received]}, "
+        f"sent {[round(int(x) / 1e6, 1) for x in sent]}"
+    )
+    print(
+        "| budget (x default) | bound MB | batches | msg MB | rank | recv MB | sent MB | ms | GB/s | "
+        f"P2P {big >> 20} MiB GB/s | % of it | P2P msg GB/s | P2P msg all-peer GB/s | peak extra MB | ok |"
+    )
+    print("|---" * 15 + "|")
+    for r, p2p_r, rank_rows in sorted(gathered):
+        for x in rank_rows:
+            print(
+                f"| {x['mult']:g} | {x['budget'] / 1e6:.1f} | {x['batches']} | {x['msg'] / 1e6:.1f} | {r} | "
+                f"{x['recv'] / 1e6:.1f} | {x['sent'] / 1e6:.1f} | {x['secs'] * 1e3:.2f} | {x['gbps']:.1f} | "
+                f"{p2p_r:.1f} | {100 * x['gbps'] / p2p_r:.0f}% | {x['p2p_msg']:.1f} | {x['p2p_all']:.1f} | "
+                f"{x['peak'] / 1e6:.1f} | {x['ok']} |"
+            )
+    p2p_ref = statistics.mean(p for _, p, _ in gathered)
+    for i in range(len(gathered[0][2])):
+        per_rank = [rank_rows[i] for _, _, rank_rows in gathered]
+        secs = max(x["secs"] for x in per_rank)
+        mean_gbps = statistics.mean(x["gbps"] for x in per_rank)
+        busiest = max(max(x["recv"], x["sent"]) for x in per_rank)
+        print(
+            f"# budget x{per_rank[0]['mult']:g}: mean per-rank received GB/s {mean_gbps:.1f} = "
+            f"{100 * mean_gbps / p2p_ref:.0f}% of P2P {big >> 20} MiB ({p2p_ref:.1f} GB/s); busiest rank moves "
+            f"{busiest / 1e6:.0f} MB one way in {secs * 1e3:.2f} ms = {busiest / secs / GB:.1f} GB/s = "
+            f"{100 * busiest / secs / GB / p2p_ref:.0f}% of P2P; peak extra "
+            f"{max(x['peak'] for x in per_rank) / 1e6:.0f} MB, bound {per_rank[0]['budget'] / 1e6:.0f} MB"
+        )
 
 
 if __name__ == "__main__":
