@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lightning_eplb import EplbCallback
 from lightning_eplb.cli import DemoCLI, eplb_summary, main
@@ -56,6 +57,22 @@ def test_yaml_configures_callback_model_and_data(tmp_path: Path) -> None:
     hp = cli.model.hparams
     assert (hp["num_experts"], hp["num_redundant_experts"], hp["router_skew"]) == (8, 2, 1.0)
     assert hp["seq_len"] == 64 == cli.datamodule.seq_len  # linked from data.seq_len
+
+
+def test_gpu_config_parses_and_shards_on_2_4_8_gpus(tmp_path: Path) -> None:
+    gpu = REPO / "configs" / "demo_gpu.yaml"
+    hp = yaml.safe_load(gpu.read_text())["model"]
+    slots = hp["num_experts"] + hp["num_redundant_experts"]
+    assert all(slots % n == 0 for n in (2, 4, 8)), slots
+    # Parses with the demo's classes (a small model here: the real one takes seconds to build on CPU).
+    cli = DemoCLI(
+        MoELanguageModel, StdlibTextDataModule, run=False,
+        args=["--config", str(gpu), "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",
+              "--trainer.precision=32-true", f"--trainer.logger.init_args.save_dir={tmp_path}",
+              "--model.hidden_size=16", "--model.ffn_hidden_size=16", "--model.num_heads=2"],
+    )
+    assert any(isinstance(c, EplbCallback) for c in cli.trainer.callbacks)
+    assert cli.model.hparams["seq_len"] == cli.datamodule.seq_len == 512
 
 
 def test_bad_callback_values_give_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
