@@ -368,6 +368,23 @@ def migrate_experts(
 
     Raises:
         ValueError: on bad placements or tensors, or ranks that disagree about them.
+
+    Tensors must not share memory with each other (pass a parameter once, not also its
+    ``.data``). Scalar optimizer state (``step``) is not moved: see
+    :func:`optimizer_state_tensors`.
+
+    Example:
+        Weights and their Adam moments move together (one process: a local permutation).
+
+        >>> w = torch.nn.Parameter(torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]))  # (S=3, 2)
+        >>> opt = torch.optim.Adam([w])
+        >>> w.grad = w.detach().clone()
+        >>> opt.step()
+        >>> tensors = [w, *optimizer_state_tensors(opt, [w])]  # w, exp_avg, exp_avg_sq
+        >>> migrate_experts(torch.tensor([0, 1, 2]), torch.tensor([2, 2, 0]), [tensors]).bytes_received
+        0
+        >>> opt.state[w]["exp_avg"][:, 0]
+        tensor([0.2000, 0.2000, 0.0000])
     """
     rank, world, distributed = _group_info(group)
     plan = plan_migration(old_physical_to_logical, new_physical_to_logical, world, num_nodes=num_nodes)
