@@ -54,13 +54,18 @@ def gather_logical(
     group: dist.ProcessGroup | None = None,
     *,
     num_logical: int | None = None,
+    out_device: torch.device | str | None = None,
+    max_buffer_bytes: int | None = None,
 ) -> Tensor:
     """Gather one expert tensor from all ranks into one copy per logical expert.
 
-    Collective: every rank of ``group`` calls it with the same ``physical_to_logical_P``
-    and a local tensor of the same shape and dtype. Each logical expert is taken from its
-    lowest-numbered slot (replicas are identical). The local tensors are all-gathered, so
-    the transient memory is ``P x local_S[0].nbytes`` on every rank, plus the result.
+    Collective: every rank of ``group`` calls it with the same ``physical_to_logical_P``,
+    ``max_buffer_bytes`` and a local tensor of the same shape and dtype. Each logical expert
+    is taken from its lowest-numbered slot (replicas are identical). The local tensors are
+    all-gathered, so the transient memory on ``local_S``'s device is about
+    ``P x local_S[0].nbytes`` on every rank; with ``max_buffer_bytes`` the tensor travels in
+    chunks along dim 1 and that falls to about ``max_buffer_bytes`` (at least one
+    ``(P, 1, ...)`` chunk). The result takes ``E x local_S[0].nbytes`` on ``out_device``.
 
     Args:
         local_S: ``(S, ...)`` this rank's slots of one tensor (weights or optimizer state).
@@ -69,9 +74,12 @@ def gather_logical(
         group: the expert-parallel group (default: the whole world). Without an
             initialised process group this is a one-rank gather (``S == P``).
         num_logical: ``E``; defaults to ``max(physical_to_logical_P) + 1``.
+        out_device: where the result goes (default: ``local_S``'s device); ``"cpu"`` keeps
+            the accelerator's memory to the transient buffers.
+        max_buffer_bytes: bound on the gather buffers (None: no chunking).
 
     Returns:
-        ``(E, ...)`` on ``local_S``'s device and dtype, identical on every rank.
+        ``(E, ...)`` of ``local_S``'s dtype on ``out_device``, identical on every rank.
 
     Raises:
         ValueError: if ``S * N != P`` or the placement misses an expert.
@@ -90,19 +98,34 @@ def gather_logical(
             f"local tensor has {num_slots} slots on each of {num_ranks} ranks, but physical_to_logical has "
             f"P={num_physical} slots; slots per rank times ranks must equal P"
         )
+    if max_buffer_bytes is not None and max_buffer_bytes < 1:
+        raise ValueError(f"max_buffer_bytes ({max_buffer_bytes}) must be >= 1 or None")
     local_S = local_S.detach()
+    device = local_S.device if out_device is None else torch.device(out_device)
     if num_ranks == 1:
-        return local_S.index_select(0, first_E.to(local_S.device))
-    local_S = local_S.contiguous()
-    parts = [torch.empty_like(local_S) for _ in range(num_ranks)]
-    dist.all_gather(parts, local_S, group=group)
-    out_E = local_S.new_empty((first_E.numel(), *local_S.shape[1:]))
+        return local_S.index_select(0, first_E.to(local_S.device)).to(device)
+    out_E = torch.empty((first_E.numel(), *local_S.shape[1:]), dtype=local_S.dtype, device=device)
+    # chunk along dim 1 so that the P gathered rows of one chunk fit the buffer bound
+    width = int(local_S.shape[1]) if local_S.dim() > 1 else 1
+    row_bytes = local_S[0].numel() * local_S.element_size()
+    step = width
+    if max_buffer_bytes is not None and local_S.dim() > 1 and width:
+        step = max(1, min(width, max_buffer_bytes * width // max(1, num_physical * row_bytes)))
     owner_E = first_E // num_slots
-    for r, part in enumerate(parts):
+    picks = []
+    for r in range(num_ranks):
         experts = (owner_E == r).nonzero().flatten()
-        if experts.numel():
-            rows = (first_E[experts] % num_slots).to(part.device)
-            out_E[experts.to(part.device)] = part.index_select(0, rows)
+        picks.append((experts, first_E[experts] % num_slots))
+    for lo in range(0, max(width, 1), step):
+        chunk_S = local_S if step == width else local_S[:, lo : lo + step]
+        chunk_S = chunk_S.contiguous()
+        parts = [torch.empty_like(chunk_S) for _ in range(num_ranks)]
+        dist.all_gather(parts, chunk_S, group=group)
+        target = out_E if step == width else out_E[:, lo : lo + step]
+        for part, (experts, rows) in zip(parts, picks, strict=True):
+            if experts.numel():
+                target[experts.to(device)] = part.index_select(0, rows.to(part.device)).to(device)
+        del parts
     return out_E
 
 

@@ -16,10 +16,11 @@ Shapes (suffixes used in names below):
 
 Physical slot ``p`` lives on rank ``p // S`` at local index ``p % S``.
 
-Memory: :func:`gather_logical` all-gathers one tensor of one layer at a time, so its
-transient buffer is ``P x`` (bytes of one expert's slice of that tensor); the logical
-results are moved to CPU as they are made, so host memory ends up holding every expert
-tensor and its optimizer state once, on every rank, until the checkpoint is written.
+Memory: :func:`gather_logical` all-gathers one tensor of one layer at a time (in chunks of
+at most :data:`GATHER_BUFFER_BYTES`), so the accelerator's transient buffer is about
+``min(P x one expert's slice of that tensor, GATHER_BUFFER_BYTES)``; the logical results go
+to CPU as they are made, so host memory ends up holding every expert tensor and its
+optimizer state once, on every rank, until the checkpoint is written.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ FORMAT_VERSION = 1
 
 _KEY = "eplb"
 
+GATHER_BUFFER_BYTES = 256 * 2**20
+"""Default bound on the transient gather buffers of :func:`save_expert_state` (256 MiB)."""
+
 # ---------------------------------------------------------------------------- Lightning glue
 _PLACEMENT_BUFFERS = ("physical_to_logical", "logical_to_physical", "logical_replica_count", "expert_load")
 _LAYOUT_MARKER = "eplb_layout"  # lightning_eplb._moe_state.EPLB_LAYOUT_KEY
@@ -72,7 +76,7 @@ def _layers(callback: Any) -> list[tuple[str, Any]]:
     return [(str(name), layer) for name, layer in layers]
 
 
-def _tensor_names(layer: torch.nn.Module) -> list[str]:
+def _tensor_names(layer: Any) -> list[str]:
     """Attribute names (relative to ``layer``) of ``layer.expert_tensors()``, in that order."""
     names = {id(p): n for n, p in layer.named_parameters()}
     out = []
@@ -120,7 +124,12 @@ def _optimizer_param_index(optimizer: Any) -> dict[int, int]:
 
 
 def save_expert_state(
-    callback: Any, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict
+    callback: Any,
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    checkpoint: dict,
+    *,
+    max_buffer_bytes: int | None = GATHER_BUFFER_BYTES,
 ) -> None:
     """Rewrite a checkpoint's expert weights and optimizer state into logical layout, in place.
 
@@ -144,6 +153,8 @@ def save_expert_state(
         trainer: its ``optimizers`` produced ``checkpoint["optimizer_states"]``.
         pl_module: the LightningModule whose ``state_dict()`` is ``checkpoint["state_dict"]``.
         checkpoint: Lightning's checkpoint dict, modified in place.
+        max_buffer_bytes: bound on the transient gather buffers on the accelerator (see
+            :func:`gather_logical`); results go to CPU memory.
 
     Raises:
         ValueError: if an expert tensor's key is missing from ``checkpoint["state_dict"]`` or
@@ -162,6 +173,7 @@ def save_expert_state(
         group = _group(layer)
         num_ranks, _ = _world(group)
         p2l_P = layer.physical_to_logical
+        E = int(layer.num_logical_experts)
         shapes: dict[str, list[int]] = {}
         for tname, param in zip(_tensor_names(layer), layer.expert_tensors(), strict=True):
             key = f"{name}.{tname}" if name else tname
@@ -170,9 +182,10 @@ def save_expert_state(
                     f"expert tensor {key!r} is not in checkpoint['state_dict'] (keys like {sorted(state_dict)[:3]}); "
                     "the LightningModule's state_dict must use the module's own parameter names"
                 )
-            logical = gather_logical(param, p2l_P, group, num_logical=layer.num_logical_experts)
-            state_dict[key] = logical.cpu()
-            shapes[tname] = list(logical.shape)
+            state_dict[key] = gather_logical(
+                param, p2l_P, group, num_logical=E, out_device="cpu", max_buffer_bytes=max_buffer_bytes
+            )
+            shapes[tname] = [E, *param.shape[1:]]
             params.append((name, tname, layer, param))
         buffers = [b for b, _ in layer.named_buffers(recurse=False) if b in _PLACEMENT_BUFFERS]
         if _understands_layout_marker(layer):
@@ -188,7 +201,7 @@ def save_expert_state(
                 "buffers": buffers,
             }
         )
-    meta_opts = _save_optimizer_states(trainer, checkpoint, params)
+    meta_opts = _save_optimizer_states(trainer, checkpoint, params, max_buffer_bytes)
     placement = (
         torch.stack([layer.physical_to_logical.detach().to("cpu", torch.int64) for _, layer in layers])
         if layers and len({int(layer.num_physical_experts) for _, layer in layers}) == 1
@@ -204,7 +217,10 @@ def save_expert_state(
 
 
 def _save_optimizer_states(
-    trainer: Any, checkpoint: dict, params: Sequence[tuple[str, str, Any, Tensor]]
+    trainer: Any,
+    checkpoint: dict,
+    params: Sequence[tuple[str, str, Any, Tensor]],
+    max_buffer_bytes: int | None,
 ) -> list[list[dict[str, Any]]]:
     """Convert the parameter-shaped optimizer state of every expert tensor; return its index table."""
     opt_states = checkpoint.get("optimizer_states")
@@ -247,10 +263,14 @@ def _save_optimizer_states(
                 local = entry.get(key)
                 if local is None:
                     local = torch.zeros_like(param)
-                logical = gather_logical(
-                    local, layer.physical_to_logical, _group(layer), num_logical=layer.num_logical_experts
+                entry[key] = gather_logical(
+                    local,
+                    layer.physical_to_logical,
+                    _group(layer),
+                    num_logical=layer.num_logical_experts,
+                    out_device="cpu",
+                    max_buffer_bytes=max_buffer_bytes,
                 )
-                entry[key] = logical.cpu()
         meta.append(entries)
     return meta
 
@@ -430,12 +450,23 @@ def install_load_checks(module: torch.nn.Module, layers: Sequence[tuple[str, Any
         module: the root module (the LightningModule) whose ``state_dict`` keys are relative to it.
         layers: ``(qualified name, layer)`` of its balanced layers.
     """
-    if getattr(module, "_eplb_load_checks", None) is not None:
-        module._eplb_load_checks.remove()
-    names = [(name, layer) for name, layer in layers]
+    for wrapped in module._load_state_dict_pre_hooks.values():
+        hook = getattr(wrapped, "hook", None)
+        if isinstance(hook, _LoadChecks):
+            hook.layer_names = [name for name, _ in layers]
+            return
+    module.register_load_state_dict_pre_hook(_LoadChecks([name for name, _ in layers]))
 
-    def hook(
-        mod: torch.nn.Module,
+
+class _LoadChecks:
+    """The pre-hook of :func:`install_load_checks`; a class (not a closure) so the module still pickles."""
+
+    def __init__(self, layer_names: list[str]) -> None:
+        self.layer_names = layer_names
+
+    def __call__(
+        self,
+        module: torch.nn.Module,
         state_dict: dict[str, Any],
         prefix: str,
         local_metadata: dict[str, Any],
@@ -444,19 +475,22 @@ def install_load_checks(module: torch.nn.Module, layers: Sequence[tuple[str, Any
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        _check_layer_entries(state_dict, prefix, names, strict)
+        layers = [(name, module.get_submodule(name)) for name in self.layer_names]
+        _check_layer_entries(state_dict, prefix, layers)
 
-    module._eplb_load_checks = module.register_load_state_dict_pre_hook(hook)  # type: ignore[assignment]
 
+def _check_layer_entries(state_dict: dict[str, Any], prefix: str, layers: Sequence[tuple[str, Any]]) -> None:
+    """Raise ``ValueError`` on balanced-layer entries that cannot belong to this model.
 
-def _check_layer_entries(
-    state_dict: dict[str, Any], prefix: str, layers: Sequence[tuple[str, Any]], strict: bool
-) -> None:
+    A balanced layer in the checkpoint is recognised by its ``physical_to_logical`` buffer.
+    A checkpoint without any (say a dense model's) is only checked for shapes, so partial
+    loads with ``strict=False`` keep working (torch gives hooks ``strict=True`` always, so
+    missing entries of such a checkpoint are left to ``load_state_dict`` itself).
+    """
     known = {f"{prefix}{name}." if name else prefix for name, _ in layers}
-    # A balanced layer in the checkpoint is recognised by its placement buffer.
-    saved_layers = {k[: -len("physical_to_logical")] for k in state_dict if k.endswith("physical_to_logical")}
-    saved_layers = {k for k in saved_layers if k.startswith(prefix)}
-    extra = sorted(saved_layers - known)
+    marker = "physical_to_logical"
+    saved = {k[: -len(marker)] for k in state_dict if k.endswith(marker) and k.startswith(prefix)}
+    extra = sorted(saved - known)
     if extra:
         raise ValueError(
             f"the checkpoint has MoE layers the model lacks: {[k.rstrip('.') for k in extra]} "
@@ -464,12 +498,16 @@ def _check_layer_entries(
         )
     for name, layer in layers:
         base = f"{prefix}{name}." if name else prefix
+        if saved and base not in saved:
+            raise ValueError(
+                f"the checkpoint lacks the MoE layer {name!r} (it holds {[k.rstrip('.') for k in sorted(saved)]})"
+            )
         num_logical = int(layer.num_logical_experts)
         for tname, param in zip(_tensor_names(layer), layer.expert_tensors(), strict=True):
             key = base + tname
             value = state_dict.get(key)
             if value is None:
-                if strict:
+                if saved:
                     raise ValueError(
                         f"the checkpoint misses the expert tensor {key!r} of shape {(num_logical, *param.shape[1:])}"
                     )

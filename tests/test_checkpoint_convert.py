@@ -45,6 +45,11 @@ def _check_all(rank: int, num_ranks: int) -> None:
             expected = _brute_gather(full_P, p2l, num_logical)
             assert got.dtype == dtype and got.shape == (num_logical, *shape)
             assert torch.equal(got, expected), (p2l, dtype)
+            # chunked along dim 1 (one column per all_gather at 1 byte), result on CPU
+            chunked = gather_logical(
+                local_S, torch.tensor(p2l), num_logical=num_logical, out_device="cpu", max_buffer_bytes=1
+            )
+            assert torch.equal(chunked, expected), (p2l, dtype)
             # scatter takes this rank's rows; scatter after gather of consistent replicas is identity
             logical = (torch.randn(num_logical, *shape, generator=gen) * 100).to(dtype)
             mine = scatter_logical(logical, torch.tensor(p2l), rank, num_ranks)
@@ -84,5 +89,7 @@ def test_scatter_rejects_bad_input() -> None:
         scatter_logical(logical, torch.tensor([0, 1, 2, 3, 0, 1]), 2, 2)
     with pytest.raises(ValueError, match="the logical tensor has 4 rows"):
         scatter_logical(logical, torch.tensor([0, 1, 2, 4, 0, 1]), 0, 2)
+    with pytest.raises(ValueError, match=r"max_buffer_bytes \(0\) must be >= 1"):
+        gather_logical(torch.zeros(6, 2), torch.tensor([0, 1, 2, 3, 0, 1]), max_buffer_bytes=0)
     with pytest.raises(ValueError, match=r"must lie in \[0, num_logical=3\)"):
         gather_logical(torch.zeros(6), torch.tensor([0, 1, 2, 3, 0, 1]), num_logical=3)

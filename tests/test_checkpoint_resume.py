@@ -22,12 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from lightning_eplb.checkpoint import (
-    install_load_checks,
-    load_expert_state,
-    save_expert_state,
-    to_dense_state_dict,
-)
+from lightning_eplb.callback import EplbCallback
+from lightning_eplb.checkpoint import to_dense_state_dict
 from lightning_eplb.dense import DenseMoE
 from lightning_eplb.moe import ExpertParallelMoE
 from tests._dist import spawn
@@ -100,37 +96,16 @@ class _DenseNet(nn.Module):
         return h
 
 
-class _StandIn(pl.Callback):
-    """Temporary stand-in for EplbCallback (setup, DDP ignore list, replica grad sync, checkpoints)."""
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.layers = [(n, m) for n, m in pl_module.named_modules() if isinstance(m, ExpertParallelMoE)]
-        ignore = []
-        for name, layer in self.layers:
-            layer.setup_expert_parallel()
-            ignore += [f"{name}.{t}" for t in ("w1", "w3", "w2", "expert_load")]
-        pl_module._ddp_params_and_buffers_to_ignore = ignore
-        install_load_checks(pl_module, self.layers)
-
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
-    ) -> None:
-        for _, layer in self.layers:
-            layer.sync_replica_grads()
-
-    def on_save_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict
-    ) -> None:
-        save_expert_state(self, trainer, pl_module, checkpoint)
-
-    def on_load_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict
-    ) -> None:
-        load_expert_state(self, trainer, pl_module, checkpoint)
+def _policy(load: torch.Tensor, num_physical: int, num_ranks: int, **kwargs: Any) -> torch.Tensor:
+    """Replicate the two busiest experts (a placement that changes with the load, valid on 1, 2
+    and 3 ranks): slots ``[o0, o1, o2, o3, o0, o1]`` with ``o`` the experts by falling load."""
+    order_LE = torch.argsort(torch.as_tensor(load, dtype=torch.float64), dim=1, descending=True, stable=True)
+    return torch.cat([order_LE, order_LE[:, : num_physical - order_LE.shape[1]]], dim=1)
 
 
 def _callback() -> pl.Callback:
-    return _StandIn()
+    # rearranges every 2 steps: the checkpoint after epoch 0 holds a non-trivial placement
+    return EplbCallback(step_interval=2, policy=_policy, min_improvement=-1.0, log_every_n_steps=0)
 
 
 def _layers(model: nn.Module) -> list[tuple[str, ExpertParallelMoE]]:
@@ -185,6 +160,7 @@ def _trainer(world_size: int, root: Path, max_epochs: int, callbacks: list[pl.Ca
         num_sanity_val_steps=0,
         default_root_dir=str(root),
         callbacks=callbacks,
+        enable_checkpointing=any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks),
     )
 
 
@@ -249,6 +225,8 @@ def test_checkpoint_contents_and_plain_loading(trained: Path) -> None:
     meta = ckpt["eplb"]
     assert meta["format_version"] == 1 and meta["world_size"] == 2
     assert meta["placement"].shape == (2, 6)
+    # the callback rearranged: the saved placement is not the starting one
+    assert not torch.equal(meta["placement"], torch.tensor([[0, 1, 2, 3, 0, 1]] * 2))
     assert [m["name"] for m in meta["layers"]] == ["moes.0", "moes.1"]
     assert meta["layers"][0]["tensors"] == {"w1": [4, FFN, H], "w3": [4, FFN, H], "w2": [4, H, FFN]}
     # optimizer indices number parameters as torch's state_dict does
@@ -291,7 +269,7 @@ def _fit_from(ckpt: Path, root: Path, model: _Net) -> None:
         ({"num_experts": 6, "num_redundant": 0}, r"moes\.0\.w1.*num_experts=6"),
         ({"ffn": FFN + 4}, r"moes\.0\.w1: the checkpoint holds shape \(4, 12, 8\)"),
         ({"num_layers": 1}, r"MoE layers the model lacks: \['moes\.1'\]"),
-        ({"num_layers": 3}, r"misses the expert tensor 'moes\.2\.w1'"),
+        ({"num_layers": 3}, r"lacks the MoE layer 'moes\.2' \(it holds \['moes\.0', 'moes\.1'\]\)"),
     ],
 )
 def test_other_model_shape_fails_clearly(
