@@ -9,25 +9,22 @@ from __future__ import annotations
 
 import os
 import warnings
+from datetime import timedelta
 
 import lightning.pytorch as pl
+import pytest
 import torch
 import torch.distributed as dist
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
-import lightning_eplb.placement as _pm  # TEMPORARY until rebalance lands
 from lightning_eplb import EplbCallback, ExpertParallelMoE
-from lightning_eplb.placement import Placement
+from lightning_eplb.load import ExpertLoadWindow
 from tests._dist import spawn
-
-if not hasattr(_pm, "rebalance"):
-
-    def _fake(load, num_physical, num_ranks, *, num_nodes=1, num_groups=1, previous=None, policy="balanced"):
-        return Placement.from_physical_to_logical(torch.roll(previous, 1, dims=1), load.shape[1], num_ranks)
-
-    _pm.rebalance = _fake
 
 H, F, E, TOP_K, T = 8, 12, 4, 2, 4  # hidden, ffn, experts, top-k, tokens per sample
 GLOBAL_BATCH, NUM_SAMPLES = 8, 32  # 4 optimizer steps per epoch
@@ -74,38 +71,55 @@ class _Net(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.lr)
 
 
+class _Plain(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(H, 1)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return nn.functional.mse_loss(self.lin(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _rotate(load, num_physical, num_ranks, *, previous, **kwargs):
+    """A policy that moves every slot each time: slot p takes slot p-1's expert. It may put
+    two replicas of an expert on one rank (a local copy in the migration)."""
+    return torch.roll(torch.as_tensor(previous), 1, dims=1)
+
+
 def _fit(
-    model: _Net,
+    model: pl.LightningModule,
     world_size: int,
     tmp: str,
-    callback: EplbCallback | None,
+    callbacks: list[pl.Callback],
     *,
     accumulate: int = 1,
     max_steps: int = 8,
-    strategy: object = "auto",
     ckpt_path: str | None = None,
-    enable_checkpointing: bool = False,
 ) -> pl.Trainer:
+    """Fit on the fixed global batches of ``_data`` (rank r takes rows r, r+N, ...)."""
     data = _data()
     rank = dist.get_rank() if dist.is_initialized() else 0
     sampler = DistributedSampler(data, num_replicas=world_size, rank=rank, shuffle=False)
     loader = DataLoader(data, batch_size=GLOBAL_BATCH // world_size // accumulate, sampler=sampler)
-    if strategy == "auto":
-        strategy = "ddp" if world_size > 1 else "auto"
+    strategy = DDPStrategy(timeout=timedelta(seconds=60)) if world_size > 1 else "auto"
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=world_size,
         strategy=strategy,
         max_steps=max_steps,
         accumulate_grad_batches=accumulate,
-        callbacks=[callback] if callback is not None else [],
+        callbacks=callbacks,
         use_distributed_sampler=False,
         logger=False,
-        enable_checkpointing=enable_checkpointing,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         enable_progress_bar=False,
         enable_model_summary=False,
+        num_sanity_val_steps=0,
         default_root_dir=tmp,
-        gradient_clip_val=1.0,
+        gradient_clip_val=0.5,  # clipping must see the norm of the model without expert parallelism
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -122,38 +136,85 @@ def _global_losses(model: _Net, accumulate: int = 1) -> Tensor:
     return local
 
 
-def _run_training(rank: int, world_size: int, tmp: str) -> None:
+def _runs(world_size: int, tmp: str) -> dict:
+    """The EPLB runs compared with the reference, on this process group (or one process)."""
+    out: dict = {}
+    # real policy, every 2 steps, window of 3 steps (it spans the previous rearrangement)
+    cb = EplbCallback(step_interval=2, window_size=3, min_improvement=0.0, log_every_n_steps=1)
+    model = _Net()
+    ckpt = ModelCheckpoint(
+        dirpath=tmp, filename=f"n{world_size}-{{step}}", every_n_train_steps=4, save_top_k=-1
+    )
+    _fit(model, world_size, tmp, [cb, ckpt])
+    out["eplb"], out["records"], out["stats"] = _global_losses(model), cb.rearrangements, cb.last_stats
+    out["rearrangements"] = cb.num_rearrangements
+    # resume from step 4: the same losses, rearrangement steps and decisions afterwards
+    cb = EplbCallback(step_interval=2, window_size=3, min_improvement=0.0, log_every_n_steps=1)
+    model = _Net()
+    _fit(model, world_size, tmp, [cb], ckpt_path=os.path.join(tmp, f"n{world_size}-step=4.ckpt"))
+    out["resumed"], out["resumed_records"] = _global_losses(model), cb.rearrangements
+    out["resumed_rearrangements"] = cb.num_rearrangements
+    # gradient accumulation, a policy moving every slot every 2 steps, no logging: the
+    # window is reduced on rearrangement steps only
+    cb = EplbCallback(step_interval=2, policy=_rotate, min_improvement=-1.0, log_every_n_steps=0)
+    model = _Net()
+    calls = []
+    compute = ExpertLoadWindow.compute
+    ExpertLoadWindow.compute = lambda self: calls.append(1) or compute(self)
+    try:
+        _fit(model, world_size, tmp, [cb], accumulate=2)
+    finally:
+        ExpertLoadWindow.compute = compute
+    out["accumulate"], out["computes"] = _global_losses(model, 2), len(calls)
+    out["rotated"] = sum(r["slots_changed"] for r in cb.rearrangements)
+    return out
+
+
+def _run_two_ranks(rank: int, world_size: int, tmp: str) -> None:
     torch.set_default_dtype(torch.float64)
-    out = {}
-    cb = EplbCallback(step_interval=2, min_improvement=0.0, log_every_n_steps=1)
-    model = _Net()
-    _fit(model, world_size, tmp, cb)
-    out["eplb"] = _global_losses(model)
-    out["moved"] = sum(r["slots_changed"] for r in cb.rearrangements)
-    out["bytes"] = sum(r["bytes_sent"] for r in cb.rearrangements)
-    out["stats"] = cb.last_stats
-    cb = EplbCallback(step_interval=2, min_improvement=0.0)
-    model = _Net()
-    _fit(model, world_size, tmp, cb, accumulate=2)
-    out["accumulate"] = _global_losses(model, 2)
-    out["moved_acc"] = sum(r["slots_changed"] for r in cb.rearrangements)
+    # misconfigurations raise on every rank at setup, nothing hangs; the models are built
+    # before Lightning creates the process group, as in a user's script
+    bad, plain = _Net(num_physical=5), _Plain()
+    with pytest.raises(
+        MisconfigurationException, match=r"\(5\) .* must be divisible by the world size \(2\)"
+    ):
+        _fit(bad, world_size, tmp, [EplbCallback(step_interval=2)])
+    with pytest.raises(MisconfigurationException, match="found no balanceable MoE layer"):
+        _fit(plain, world_size, tmp, [EplbCallback(step_interval=2)])
+    out = _runs(world_size, tmp)
     if rank == 0:
-        torch.save(out, os.path.join(tmp, f"out{world_size}.pt"))
+        torch.save(out, os.path.join(tmp, "two.pt"))
 
 
-def test_losses_equal_with_and_without_eplb(tmp_path):
+def _decisions(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def test_training_unchanged_by_eplb_on_one_and_two_ranks(tmp_path):
     torch.set_default_dtype(torch.float64)
     try:
-        ref = _Net(num_redundant=0)
-        _fit(ref, 1, str(tmp_path), None)
-        reference = _global_losses(ref)
-        _run_training(0, 1, str(tmp_path))
+        reference = _Net(num_redundant=0)  # no replicas, no callback, one process
+        _fit(reference, 1, str(tmp_path), [])
+        expected = _global_losses(reference)
+        one = _runs(1, str(tmp_path))
     finally:
         torch.set_default_dtype(torch.float32)
-    spawn(_run_training, world_size=2, args=(str(tmp_path),), timeout_s=120)
-    one, two = torch.load(tmp_path / "out1.pt"), torch.load(tmp_path / "out2.pt")
-    print(reference, one, two)
+    spawn(_run_two_ranks, world_size=2, args=(str(tmp_path),), timeout_s=240, init=False)
+    two = torch.load(tmp_path / "two.pt")
     for run in (one, two):
-        torch.testing.assert_close(run["eplb"], reference, rtol=1e-9, atol=0)
-        torch.testing.assert_close(run["accumulate"], reference, rtol=1e-9, atol=0)
-    assert two["moved"] > 0 and two["bytes"] > 0
+        # float64 end to end: equal to rounding, far inside the 1e-4 the issue asks for
+        torch.testing.assert_close(run["eplb"], expected, rtol=1e-9, atol=0)
+        torch.testing.assert_close(run["accumulate"], expected, rtol=1e-9, atol=0)
+        torch.testing.assert_close(run["resumed"], expected[4:], rtol=1e-9, atol=0)
+        assert [r["step"] for r in run["records"]] == [2.0, 4.0, 6.0, 8.0]
+        # the restored window gives the same decisions (only the wall time differs)
+        assert _decisions(run["resumed_records"]) == _decisions(run["records"][2:])
+        assert run["resumed_rearrangements"] == run["rearrangements"]
+        assert run["rotated"] == 4 * 2 * 6  # 4 rearrangements x 2 layers x 6 slots
+        assert run["computes"] == 4
+    moved = [r for r in two["records"] if r["slots_changed"] > 0]
+    assert moved and all(r["bytes_sent"] > 0 for r in moved)
+    # a proposal predicted to be worse is kept out by min_improvement=0
+    assert all(r["skipped"] for r in two["records"] if r["balancedness_after"] < r["balancedness_before"])
+    assert set(two["stats"]) == {"eplb/balancedness", "eplb/max_tokens", "eplb/avg_tokens"}
+    assert 0.5 <= two["stats"]["eplb/balancedness"] <= 1.0
