@@ -215,7 +215,7 @@ def ignore_in_ddp(pl_module: pl.LightningModule, layers: list[tuple[str, Any]]) 
         names += [prefix + n for n, p in layer.named_parameters() if id(p) in ids]
         named = dict(layer.named_buffers())
         names += [prefix + b for b in LAYER_BUFFERS if b in named]
-    pl_module._ddp_params_and_buffers_to_ignore = list(dict.fromkeys(names))
+    setattr(pl_module, "_ddp_params_and_buffers_to_ignore", list(dict.fromkeys(names)))  # noqa: B010
 
 
 # ---------------------------------------------------------------------------- rearrangement helpers

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_eplb import _callback_utils as utils
@@ -171,10 +172,13 @@ class EplbCallback(Callback):
         num_logical, num_physical, num_groups = utils.check_layers(self.layers, num_ranks)
         num_nodes = self.num_nodes if self.num_nodes is not None else int(trainer.num_nodes)
         if num_ranks % num_nodes:
-            raise ValueError(f"the world size ({num_ranks}) must be divisible by num_nodes ({num_nodes})")
+            raise MisconfigurationException(
+                f"the world size ({num_ranks}) must be divisible by num_nodes ({num_nodes}); "
+                "pass EplbCallback(num_nodes=...) that divides it, or leave it to the trainer"
+            )
         self._num_ranks, self._num_nodes, self._num_groups = num_ranks, num_nodes, num_groups
         log_every = self.log_every_n_steps
-        self._log_every = int(trainer.log_every_n_steps) if log_every is None else log_every
+        self._log_every = int(getattr(trainer, "log_every_n_steps", 50)) if log_every is None else log_every
         self._verify_ranks_agree(trainer)
         for _, layer in self.layers:
             layer.setup_expert_parallel()
@@ -244,10 +248,8 @@ class EplbCallback(Callback):
             previous, step, self.first_rearrangement_step, self.step_interval
         )
         log = self._crossed(previous, step, self._log_every, self._log_every)
-        trace = self._trace_writer is not None or self.trace  # same value on every rank
-        trace_window = trace and self._crossed(
-            previous, step, self.trace_every_n_steps or 0, self.trace_every_n_steps or 0
-        )
+        every = self.trace_every_n_steps or 0
+        trace_window = self.trace and not rearrange and self._crossed(previous, step, every, every)
         if not (rearrange or log or trace_window):
             return
         load = self._window.compute()  # the one all-reduce

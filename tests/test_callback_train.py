@@ -98,6 +98,7 @@ def _fit(
     accumulate: int = 1,
     max_steps: int = 8,
     ckpt_path: str | None = None,
+    clip: float | None = 0.5,
 ) -> pl.Trainer:
     """Fit on the fixed global batches of ``_data`` (rank r takes rows r, r+N, ...)."""
     data = _data()
@@ -119,7 +120,7 @@ def _fit(
         enable_model_summary=False,
         num_sanity_val_steps=0,
         default_root_dir=tmp,
-        gradient_clip_val=0.5,  # clipping must see the norm of the model without expert parallelism
+        gradient_clip_val=clip,  # clipping must see the norm of the model without expert parallelism
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -218,3 +219,41 @@ def test_training_unchanged_by_eplb_on_one_and_two_ranks(tmp_path):
     assert all(r["skipped"] for r in two["records"] if r["balancedness_after"] < r["balancedness_before"])
     assert set(two["stats"]) == {"eplb/balancedness", "eplb/max_tokens", "eplb/avg_tokens"}
     assert 0.5 <= two["stats"]["eplb/balancedness"] <= 1.0
+
+
+class _Manual(_Net):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        opt = self.optimizers()
+        opt.zero_grad()
+        loss = super().training_step(batch, batch_idx)
+        self.manual_backward(loss)
+        opt.step()  # through LightningOptimizer: the callback syncs replica gradients
+
+
+def test_manual_optimization_and_trace(tmp_path):
+    """Manual optimization (one process, experts moving every 2 steps) trains like the
+    reference; trace=True writes every window and rearrangement to eplb_trace.npz."""
+    from lightning_eplb.trace import read_trace
+
+    torch.set_default_dtype(torch.float64)
+    try:
+        reference = _Net(num_redundant=0)
+        _fit(reference, 1, str(tmp_path), [], clip=None)
+        manual = _Manual()
+        cb = EplbCallback(
+            step_interval=2, policy=_rotate, min_improvement=-1.0, trace=True, trace_every_n_steps=1
+        )
+        _fit(manual, 1, str(tmp_path), [cb], clip=None)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    torch.testing.assert_close(_global_losses(manual), _global_losses(reference), rtol=1e-9, atol=0)
+    trace = read_trace(tmp_path / "eplb_trace.npz")
+    assert trace.steps.tolist() == list(range(1, 9))  # one window per step, none twice
+    assert trace.rearrangement_steps.tolist() == [2, 4, 6, 8]
+    assert trace.slots_changed.tolist() == [12] * 4
+    assert torch.equal(trace.placements[:-1], trace.placements_before[1:])
+    assert trace.loads.shape == (8, 2, E) and float(trace.loads[0].sum()) == 2 * GLOBAL_BATCH * T * TOP_K
