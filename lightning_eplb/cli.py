@@ -108,7 +108,15 @@ def eplb_summary(metrics_csv: str | Path, max_lines: int = 12) -> str:
 
 class DemoCLI(LightningCLI):
     """:class:`~lightning.pytorch.cli.LightningCLI` that links ``data.seq_len`` to ``model.seq_len``
-    and logs an EPLB summary after ``fit``."""
+    and logs an EPLB summary after ``fit``.
+
+    Example:
+        >>> from lightning_eplb.demo import MoELanguageModel, StdlibTextDataModule
+        >>> cli = DemoCLI(MoELanguageModel, StdlibTextDataModule, run=False, args=[
+        ...     "--trainer.logger=false", "--model.hidden_size=16", "--model.num_heads=2", "--data.seq_len=32"])
+        >>> cli.model.hparams["seq_len"], cli.datamodule.seq_len
+        (32, 32)
+    """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Set the model's position table from the data's window length (one ``seq_len`` to give)."""
