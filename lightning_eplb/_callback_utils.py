@@ -60,13 +60,24 @@ def clip_global_norm(
     torch._foreach_mul_(grads, coef.to(grads[0].dtype))
 
 
-def broadcast_from_rank_zero(p2l_LP: Tensor, device: torch.device) -> Tensor:
-    """``(L, P)`` int64 on CPU: rank 0's placement on every rank (guards against nondeterminism)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return p2l_LP.to("cpu", torch.int64)
-    buf = p2l_LP.to(device, torch.int64).contiguous()
-    dist.broadcast(buf, src=0)
-    return buf.cpu()
+def broadcast_from_rank_zero(p2l_LP: Tensor, device: torch.device, failed: bool = False) -> Tensor | None:
+    """Rank 0's placement on every rank (guards against nondeterminism), or None on every
+    rank if rank 0 says ``failed``. One broadcast of ``L * P + 1`` int64.
+
+    Args:
+        p2l_LP: ``(L, P)`` this rank's proposal (only rank 0's is used).
+        device: where the collective runs (the GPU under NCCL).
+        failed: this rank could not compute a proposal.
+
+    Returns:
+        ``(L, P)`` int64 on CPU, or None.
+    """
+    flat = torch.cat([torch.tensor([int(failed)]), p2l_LP.detach().to("cpu", torch.int64).flatten()])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        buf = flat.to(device)
+        dist.broadcast(buf, src=0)
+        flat = buf.cpu()
+    return None if int(flat[0]) else flat[1:].view(p2l_LP.shape)
 
 
 def reduce_stats(

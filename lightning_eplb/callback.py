@@ -295,16 +295,24 @@ class EplbCallback(Callback):
             [layer.physical_to_logical.detach().to("cpu", torch.int64) for _, layer in self.layers]
         )
         old = Placement.from_physical_to_logical(old_LP, num_logical, self._num_ranks)
-        proposal = rebalance(
-            load_LE,
-            old.num_physical,
-            self._num_ranks,
-            num_nodes=self._num_nodes,
-            num_groups=self._num_groups,
-            previous=old_LP,
-            policy=self.policy,
-        )
-        new_LP = utils.broadcast_from_rank_zero(proposal.physical_to_logical, load.slot_LP.device)
+        error: Exception | None = None
+        try:
+            proposal_LP = rebalance(
+                load_LE,
+                old.num_physical,
+                self._num_ranks,
+                num_nodes=self._num_nodes,
+                num_groups=self._num_groups,
+                previous=old_LP,
+                policy=self.policy,
+            ).physical_to_logical
+        except Exception as exc:  # every rank must still reach the broadcast
+            error, proposal_LP = exc, old_LP
+        new_LP = utils.broadcast_from_rank_zero(proposal_LP, load.slot_LP.device, failed=error is not None)
+        if new_LP is None:  # the policy failed on rank 0: stop every rank with its message
+            if error is not None:
+                raise error
+            raise RuntimeError(f"EPLB step {step}: the placement policy failed on rank 0 (see its traceback)")
         new = Placement.from_physical_to_logical(new_LP, num_logical, self._num_ranks)
         before, after = old.balancedness(load_LE), new.balancedness(load_LE)
         measured = float(token_statistics(load.slot_LP, self._num_ranks, load.num_steps).balancedness)
@@ -329,7 +337,7 @@ class EplbCallback(Callback):
             self.num_rearrangements += 1
             self.last_rearrangement_step = step
         total_sent, max_received, seconds = utils.reduce_stats(
-            sent, received, time.perf_counter() - start, new_LP.device
+            sent, received, time.perf_counter() - start, load.slot_LP.device
         )
         record = {
             "step": float(step),

@@ -89,6 +89,12 @@ def _rotate(load, num_physical, num_ranks, *, previous, **kwargs):
     return torch.roll(torch.as_tensor(previous), 1, dims=1)
 
 
+def _fails_on_rank_zero(load, num_physical, num_ranks, *, previous, **kwargs):
+    if dist.get_rank() == 0:
+        raise ValueError("boom on rank 0")
+    return torch.as_tensor(previous)
+
+
 def _fit(
     model: pl.LightningModule,
     world_size: int,
@@ -182,6 +188,10 @@ def _run_two_ranks(rank: int, world_size: int, tmp: str) -> None:
         _fit(bad, world_size, tmp, [EplbCallback(step_interval=2)])
     with pytest.raises(MisconfigurationException, match="found no balanceable MoE layer"):
         _fit(plain, world_size, tmp, [EplbCallback(step_interval=2)])
+    # a policy failing on rank 0 only stops every rank (rank 0's own error, a RuntimeError
+    # elsewhere) instead of leaving the others waiting in the broadcast
+    with pytest.raises((ValueError, RuntimeError), match=r"boom on rank 0|policy failed on rank 0"):
+        _fit(_Net(), world_size, tmp, [EplbCallback(step_interval=2, policy=_fails_on_rank_zero)])
     out = _runs(world_size, tmp)
     if rank == 0:
         torch.save(out, os.path.join(tmp, "two.pt"))
