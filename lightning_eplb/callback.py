@@ -53,6 +53,13 @@ class EplbCallback(Callback):
     from, slots changed, bytes moved (sum over ranks), the busiest rank's bytes received,
     seconds (slowest rank) and ``skipped`` (1 when the gain was below ``min_improvement``).
 
+    Gradient clipping by norm (``Trainer(gradient_clip_val=...)``) is taken over during
+    ``fit``: Lightning's ``clip_grad_norm_`` would see only this rank's expert slots (and
+    replicated experts several times), so ranks would clip by different factors and drift
+    apart. The callback clips every parameter by the norm of the model without expert
+    parallelism (one small all-reduce per step) and gives ``gradient_clip_val`` back to the
+    trainer at the end. Clipping by value needs nothing (replicas carry equal gradients).
+
     Manual optimization: replica gradients are synced when an optimizer holding expert
     parameters is stepped through ``self.optimizers()`` (not the raw optimizer); gradient
     clipping done by hand before ``opt.step()`` sees unsynced gradients.

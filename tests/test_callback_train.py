@@ -106,7 +106,12 @@ def _fit(
     ckpt_path: str | None = None,
     clip: float | None = 0.5,
 ) -> pl.Trainer:
-    """Fit on the fixed global batches of ``_data`` (rank r takes rows r, r+N, ...)."""
+    """Fit on the fixed global batches of ``_data`` (rank r takes rows r, r+N, ...).
+
+    Lightning's own DistributedSampler shuffles even for a DataLoader built without
+    shuffling, so the global batches would differ between world sizes: the runs switch it
+    off (``use_distributed_sampler=False``) and bring their own, unshuffled.
+    """
     data = _data()
     rank = dist.get_rank() if dist.is_initialized() else 0
     sampler = DistributedSampler(data, num_replicas=world_size, rank=rank, shuffle=False)
