@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
+from lightning_eplb import placement
 from lightning_eplb.placement import Placement
 
 
@@ -57,7 +58,11 @@ def clip_global_norm(
         dist.all_reduce(expert_sq)
     total = (dense_sq + expert_sq).sqrt()
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+    by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for g in grads:
+        by_kind.setdefault((g.device, g.dtype), []).append(g)
+    for (g_device, g_dtype), same in by_kind.items():
+        torch._foreach_mul_(same, coef.to(g_device, g_dtype))
 
 
 def broadcast_from_rank_zero(p2l_LP: Tensor, device: torch.device, failed: bool = False) -> Tensor | None:
@@ -94,7 +99,7 @@ def reduce_stats(
 
 
 # ---------------------------------------------------------------------------- argument checks
-_POLICY_NAMES = ("balanced", "deepseek")
+_POLICY_NAMES: tuple[str, ...] = tuple(getattr(placement, "POLICIES", ("balanced", "deepseek")))
 
 
 def positive_int(name: str, value: int | None, default: int | None = 0, minimum: int = 1) -> Any:
