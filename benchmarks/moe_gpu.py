@@ -49,7 +49,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=8192, help="tokens per GPU per step")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--backends", default="auto,bmm,loop", help="expert backends for the slot-cost table")
+    parser.add_argument("--backends", default="auto,bmm", help="expert backends for the slot-cost table")
     args = parser.parse_args()
     if args.small:
         args.hidden, args.ffn, args.experts, args.top_k, args.tokens = 64, 96, 8, 2, 256
@@ -210,6 +210,12 @@ def step_time(layer: ExpertParallelMoE, device: torch.device, dtype: torch.dtype
     return float(elapsed)
 
 
+def emit(lines: list[str]) -> None:
+    """Print a finished section on rank 0 at once, so a slow later section loses nothing."""
+    if dist.get_rank() == 0 and lines:
+        print("\n".join(lines), flush=True)
+
+
 def main() -> None:
     device = init()
     rank, n = dist.get_rank(), dist.get_world_size()
@@ -232,8 +238,9 @@ def main() -> None:
             cells = " | ".join(f"{v:.1e}" for v in errs.values())
             lines.append(f"| {str(dtype).split('.')[-1]} | {backend} | {cells} | {verdict} |")
 
+    emit(lines)
     counts = sync_counts(device, low)
-    lines += [
+    lines = [
         "",
         "## 2. host synchronisations (CUDA sync debug mode warnings)",
         "| call | syncs |",
@@ -241,11 +248,12 @@ def main() -> None:
     ]
     lines += [f"| {k} | {'n/a (CPU)' if v is None else v} |" for k, v in counts.items()]
 
+    emit(lines)
     solo_groups = [dist.new_group([r]) for r in range(n)]
     redundant = 0
     one = step_time(make_layer(device, low, redundant, "auto", group=solo_groups[rank]), device, low)
     many = step_time(make_layer(device, low, redundant, "auto"), device, low)
-    lines += [
+    lines = [
         "",
         f"## 3. forward+backward+sync throughput, {ARGS.tokens} tokens per GPU, P = E",
         "| setup | step ms | tokens/s (all GPUs) | per-GPU efficiency |",
@@ -254,8 +262,9 @@ def main() -> None:
         f"| {n} GPUs, expert parallel | {many * 1e3:.2f} | {n * ARGS.tokens / many:,.0f} | {one / many:.2f} |",
     ]
 
+    emit(lines)
     extras = [round(ARGS.experts * frac / n) * n for frac in (0.0, 0.25, 0.5)]  # R, a multiple of N
-    lines += [
+    lines = [
         "",
         f"## 4. step time with extra slots at equal tokens ({n} GPUs; slot p holds p % E)",
         "| backend | " + " | ".join(f"P={ARGS.experts + r} ms" for r in extras) + " | +25% | +50% |",
@@ -269,8 +278,8 @@ def main() -> None:
             f"| {backend} | {times[0] * 1e3:.2f} | {times[1] * 1e3:.2f} | {times[2] * 1e3:.2f} "
             f"| {times[1] / times[0] - 1:+.1%} | {times[2] / times[0] - 1:+.1%} |"
         )
-    if rank == 0:
-        print("\n".join(lines), flush=True)
+        emit(lines)
+        lines = []
     dist.destroy_process_group()
 
 

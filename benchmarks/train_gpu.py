@@ -203,7 +203,8 @@ def run(
     )
     trainer.fit(model, data)
     measured = timer.times[args.warmup_steps :]
-    step_s = torch.tensor(statistics.median(measured), device=model.device)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    step_s = torch.tensor(statistics.median(measured), device=device)
     dist.all_reduce(step_s, op=dist.ReduceOp.MAX)
     tokens = args.tokens * dist.get_world_size()
     out = {"label": label, "step_ms": float(step_s) * 1e3, "tokens_per_s": tokens / float(step_s)}
