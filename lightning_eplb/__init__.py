@@ -19,17 +19,36 @@ _EXPORTS = {
     "plan_migration": "lightning_eplb.migration",
     "ExpertParallelMoE": "lightning_eplb.moe",
     "BalanceableMoE": "lightning_eplb.protocol",
+    "is_balanceable": "lightning_eplb.protocol",
+    "optimizer_state_tensors": "lightning_eplb.migration",
     "EplbCallback": "lightning_eplb.callback",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "BalanceableMoE",
+    "EplbCallback",
+    "ExpertParallelMoE",
+    "MigrationStats",
+    "Placement",
+    "is_balanceable",
+    "migrate_experts",
+    "optimizer_state_tensors",
+    "plan_migration",
+    "rebalance",
+]
+assert sorted(__all__) == sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_eplb.callback import EplbCallback
-    from lightning_eplb.migration import MigrationStats, migrate_experts, plan_migration
+    from lightning_eplb.migration import (
+        MigrationStats,
+        migrate_experts,
+        optimizer_state_tensors,
+        plan_migration,
+    )
     from lightning_eplb.moe import ExpertParallelMoE
     from lightning_eplb.placement import Placement, rebalance
-    from lightning_eplb.protocol import BalanceableMoE
+    from lightning_eplb.protocol import BalanceableMoE, is_balanceable
 
 
 def __getattr__(name: str) -> Any:

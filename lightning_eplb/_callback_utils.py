@@ -144,11 +144,11 @@ def min_improvement(value: float) -> float:
 # ---------------------------------------------------------------------------- setup checks
 def find_layers(pl_module: pl.LightningModule) -> list[tuple[str, Any]]:
     """``(qualified name, layer)`` of every :class:`BalanceableMoE` submodule, outermost only."""
-    from lightning_eplb.protocol import BalanceableMoE
+    from lightning_eplb.protocol import is_balanceable
 
     layers: list[tuple[str, Any]] = []
     for name, module in pl_module.named_modules():
-        if isinstance(module, BalanceableMoE) and not any(name.startswith(f"{n}.") for n, _ in layers if n):
+        if is_balanceable(module) and not any(name.startswith(f"{n}.") for n, _ in layers if n):
             layers.append((name, module))
     if not layers:
         hint = ""
@@ -243,29 +243,76 @@ def migrate(
     max_buffer_bytes: int | None,
     num_nodes: int,
     with_optimizer_state: bool,
+    device: torch.device | None = None,
 ) -> Any:
-    """One :func:`migrate_experts` call for the weights (and optimizer state) of every layer."""
+    """One :func:`migrate_experts` call for the weights (and optimizer state) of every layer.
+
+    Two agreements (one ``all_reduce`` of ``N`` int64 each) make a failure on one rank end
+    the migration on every rank: after collecting the tensors (nothing moved yet) and after
+    the transfers. A rank that fails mid-transfer while its peers wait for its messages
+    leaves them waiting until the process group's timeout, then they fail too.
+
+    Raises:
+        MigrationError: on every rank when any rank failed; ``half_done`` tells whether
+            expert tensors may already be partly overwritten.
+    """
+    from lightning_eplb._safety import MigrationError, failures
     from lightning_eplb.migration import migrate_experts, optimizer_state_tensors
 
-    optimizers = [getattr(o, "_optimizer", o) for o in trainer.optimizers] if with_optimizer_state else []
+    error: BaseException | None = None
     tensors: list[list[Tensor]] = []
-    for _, layer in layers:
-        params = list(layer.expert_tensors())
-        row = [p.detach() for p in params]
-        for optimizer in optimizers:
-            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            mine = [p for p in params if id(p) in held]
-            if mine:
-                row += optimizer_state_tensors(optimizer, mine)
-        tensors.append(row)
-    with torch.no_grad():
-        stats = migrate_experts(
-            old_LP, new_LP, tensors, group=None, max_buffer_bytes=max_buffer_bytes, num_nodes=num_nodes
-        )
+    try:
+        optimizers = [getattr(o, "_optimizer", o) for o in trainer.optimizers] if with_optimizer_state else []
+        for _, layer in layers:
+            params = list(layer.expert_tensors())
+            row = [p.detach() for p in params]
+            for optimizer in optimizers:
+                held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+                mine = [p for p in params if id(p) in held]
+                if mine:
+                    row += optimizer_state_tensors(optimizer, mine)
+            tensors.append(row)
+    except Exception as exc:  # every rank must still reach the agreement
+        error = exc
+    failed = failures(error, device=device)
+    if failed:
+        raise MigrationError(
+            f"EPLB migration not started: preparing it failed on {_describe(failed)}; nothing was moved",
+            half_done=False,
+            ranks=list(failed),
+        ) from error
+    stats = None
+    try:
+        with torch.no_grad():
+            stats = migrate_experts(
+                old_LP, new_LP, tensors, group=None, max_buffer_bytes=max_buffer_bytes, num_nodes=num_nodes
+            )
+    except Exception as exc:
+        error = exc
+    try:
+        failed = failures(error, device=device)
+    except Exception as exc:  # a peer died or timed out: the agreement itself failed
+        first = error or exc
+        raise MigrationError(
+            f"EPLB migration failed ({type(first).__name__}: {first}); expert weights and optimizer state "
+            "may be half-migrated",
+            half_done=True,
+        ) from first
+    if failed:
+        raise MigrationError(
+            f"EPLB migration failed on {_describe(failed)}; expert weights and optimizer state may be "
+            "half-migrated",
+            half_done=True,
+            ranks=list(failed),
+        ) from error
     for _, layer in layers:
         for p in layer.expert_tensors():
             p.grad = None  # gradients of the old placement mean nothing in the new one
     return stats
+
+
+def _describe(failed: dict[int, str]) -> str:
+    return "; ".join(f"rank {r} ({message})" for r, message in failed.items())
 
 
 def open_trace(trainer: pl.Trainer, layers: list[tuple[str, Any]], num_ranks: int) -> Any:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["BalanceableMoE"]
+__all__ = ["BalanceableMoE", "is_balanceable"]
 
 
 @runtime_checkable
@@ -71,3 +71,31 @@ class BalanceableMoE(Protocol):
     def reset_expert_load(self) -> None:
         """Zero ``expert_load`` in place (no host synchronisation)."""
         ...
+
+
+_DATA_MEMBERS = (
+    "num_logical_experts",
+    "num_physical_experts",
+    "physical_to_logical",
+    "logical_to_physical",
+    "logical_replica_count",
+    "expert_load",
+)
+_METHODS = ("setup_expert_parallel", "expert_tensors", "sync_replica_grads", "set_placement", "reset_expert_load")
+
+
+def is_balanceable(obj: object) -> bool:
+    """Whether ``obj`` implements :class:`BalanceableMoE`.
+
+    Use this rather than ``isinstance(obj, BalanceableMoE)``: from Python 3.12 on,
+    ``isinstance`` against a runtime protocol looks attributes up statically and so misses
+    the buffers of an ``nn.Module`` (they live in ``_buffers``, reached through
+    ``__getattr__``).
+
+    Example:
+        >>> is_balanceable(torch.nn.Linear(2, 2))
+        False
+    """
+    return all(hasattr(obj, name) for name in _DATA_MEMBERS) and all(
+        callable(getattr(obj, name, None)) for name in _METHODS
+    )

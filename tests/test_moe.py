@@ -13,6 +13,7 @@ from lightning_eplb._routing import route
 from lightning_eplb.dense import DenseMoE, init_logical_experts
 from lightning_eplb.moe import BalanceableMoE, ExpertParallelMoE
 from lightning_eplb.placement import Placement
+from lightning_eplb.protocol import is_balanceable
 
 DT = torch.float64
 
@@ -179,6 +180,7 @@ def test_placement_change_with_moved_weights_keeps_outputs() -> None:
 def test_protocol_and_defaults() -> None:
     ep = ExpertParallelMoE(4, 8, 3, 1, num_redundant_experts=3, init_seed=0)
     assert isinstance(ep, BalanceableMoE)
+    assert is_balanceable(ep)
     # slot p holds p % E, whatever the number of ranks
     assert ep.physical_to_logical.tolist() == [0, 1, 2, 0, 1, 2]
     assert ep.logical_to_physical.tolist() == [[0, 3, -1, -1], [1, 4, -1, -1], [2, 5, -1, -1]]
