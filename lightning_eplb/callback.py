@@ -28,6 +28,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_eplb import _callback_utils as utils
+from lightning_eplb import _safety
 from lightning_eplb.load import ExpertLoadWindow, WindowLoad, token_statistics
 from lightning_eplb.placement import Placement
 
@@ -150,6 +151,8 @@ class EplbCallback(Callback):
         self._expert_param_ids: set[int] = set()
         self._trace_writer: Any = None
         self._clip_norm: float | None = None
+        self._broken: str | None = None
+        self._warned_empty = False
 
     # ------------------------------------------------------------------ schedule
     def is_rearrangement_step(self, step: int) -> bool:
@@ -201,9 +204,14 @@ class EplbCallback(Callback):
             self._pending_state = None
 
     def _verify_ranks_agree(self, trainer: pl.Trainer) -> None:
-        """Place for the cross-rank fingerprint check (issue 9): one all-reduce of a small
-        digest of the layers' shapes, placements and the callback's arguments, after every
-        local check and before the first other collective. Not implemented yet."""
+        """Compare a fingerprint of the callback's arguments, the world size and the layers'
+        names, sizes, expert shapes and placements across ranks: one all-reduce of a few
+        int64, after every local check and before the first other collective.
+
+        Raises:
+            RankDisagreementError: on every rank, naming what differs and on which ranks.
+        """
+        _safety.check_ranks_agree(_safety.setup_fingerprint(self, self._num_ranks), "EplbCallback.setup")
 
     def _window_shape(self) -> tuple[int, int, int, int]:
         w = self._window
@@ -223,6 +231,8 @@ class EplbCallback(Callback):
             trainer.gradient_clip_val = None
         for _, layer in self.layers:
             layer.reset_expert_load()  # drop counts of training-mode forwards outside fit
+        if self.layers:
+            _safety.check_ranks_agree(_safety.train_fingerprint(self, trainer), "EplbCallback.on_train_start")
         if self.trace and self._trace_writer is None:
             self._trace_writer = utils.open_trace(trainer, self.layers, self._num_ranks)
 
@@ -259,6 +269,9 @@ class EplbCallback(Callback):
         trace_window = self.trace and not rearrange and self._crossed(previous, step, every, every)
         if not (rearrange or log or trace_window):
             return
+        if rearrange:  # ranks must be at the same place with the same placement: one small all-reduce
+            fingerprint = _safety.step_fingerprint(self, trainer, batch_idx)
+            _safety.check_ranks_agree(fingerprint, f"EPLB step {step}", device=self._window.device)
         load = self._window.compute()  # the one all-reduce
         if log:
             self._log_stats(pl_module, load)
@@ -303,16 +316,27 @@ class EplbCallback(Callback):
         )
         old = Placement.from_physical_to_logical(old_LP, num_logical, self._num_ranks)
         error: Exception | None = None
+        empty = not bool(load_LE.sum() > 0)  # identical on every rank (all-reduced counts)
+        if empty and not self._warned_empty:
+            self._warned_empty = True
+            rank_zero_warn(
+                f"EPLB step {step}: no tokens were routed in the last {int(load.num_steps)} steps; "
+                "keeping the placement (warned once)"
+            )
         try:
-            proposal_LP = rebalance(
-                load_LE,
-                old.num_physical,
-                self._num_ranks,
-                num_nodes=self._num_nodes,
-                num_groups=self._num_groups,
-                previous=old_LP,
-                policy=self.policy,
-            ).physical_to_logical
+            proposal_LP = (
+                old_LP
+                if empty
+                else rebalance(
+                    load_LE,
+                    old.num_physical,
+                    self._num_ranks,
+                    num_nodes=self._num_nodes,
+                    num_groups=self._num_groups,
+                    previous=old_LP,
+                    policy=self.policy,
+                ).physical_to_logical
+            )
         except Exception as exc:  # every rank must still reach the broadcast
             error, proposal_LP = exc, old_LP
         new_LP = utils.broadcast_from_rank_zero(proposal_LP, load.slot_LP.device, failed=error is not None)
@@ -324,18 +348,24 @@ class EplbCallback(Callback):
         before, after = old.balancedness(load_LE), new.balancedness(load_LE)
         measured = float(token_statistics(load.slot_LP, self._num_ranks, load.num_steps).balancedness)
         changed = new.num_changed_slots(old)
-        skipped = changed == 0 or after - before < self.min_improvement
+        skipped = changed == 0 or after - before < self.min_improvement or empty
         sent = received = 0
         if not skipped:
-            stats = utils.migrate(
-                trainer,
-                self.layers,
-                old_LP,
-                new_LP,
-                self.max_buffer_bytes,
-                self._num_nodes,
-                self.migrate_optimizer_state,
-            )
+            try:
+                stats = utils.migrate(
+                    trainer,
+                    self.layers,
+                    old_LP,
+                    new_LP,
+                    self.max_buffer_bytes,
+                    self._num_nodes,
+                    self.migrate_optimizer_state,
+                    device=load.slot_LP.device,
+                )
+            except _safety.MigrationError as exc:
+                if exc.half_done:
+                    self._broken = f"step {step}: {exc}"
+                raise
             sent, received = stats.bytes_sent, stats.bytes_received
             for row, (_, layer) in enumerate(self.layers):
                 layer.set_placement(
@@ -375,7 +405,13 @@ class EplbCallback(Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        """Expert weights and optimizer state in logical layout (every rank takes part)."""
+        """Expert weights and optimizer state in logical layout (every rank takes part).
+
+        Raises:
+            RuntimeError: after a failed migration (expert tensors may be half-migrated):
+                resume from the last checkpoint written before it instead.
+        """
+        self._refuse_if_broken()
         utils.checkpoint_hook("save_expert_state")(self, trainer, pl_module, checkpoint)
 
     @override
@@ -392,6 +428,7 @@ class EplbCallback(Callback):
         Collective under DDP (Lightning calls it on every rank while saving a checkpoint):
         the window is all-reduced so the checkpoint holds every rank's counts, not rank 0's.
         """
+        self._refuse_if_broken()
         state: dict[str, Any] = {
             "version": _STATE_VERSION,
             "last_rearrangement_step": self.last_rearrangement_step,
@@ -400,6 +437,13 @@ class EplbCallback(Callback):
         if self._window is not None:
             state["window"] = self._window.global_state()
         return state
+
+    def _refuse_if_broken(self) -> None:
+        if self._broken is not None:
+            raise RuntimeError(
+                f"EplbCallback refuses to save a checkpoint: the migration at {self._broken}. Expert weights "
+                "and optimizer state may be half-migrated; resume from the last checkpoint written before it"
+            )
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

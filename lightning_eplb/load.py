@@ -18,6 +18,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torchmetrics import Metric
+from torchmetrics.utilities import rank_zero_warn
+
+_INT32_MAX = 2**31 - 1
 
 __all__ = ["ExpertLoadWindow", "TokenStats", "WindowLoad", "logical_load", "token_statistics"]
 
@@ -122,6 +125,13 @@ class ExpertLoadWindow(Metric):
     on one rank), and ``cursor ()`` int64, the number of steps recorded so far
     (the ``k``-th sits at row ``k % W``). Memory is ``4 * W * L * (P + E)`` bytes.
 
+    Extreme counts (checked on the device, no host synchronisation in :meth:`update`; read
+    in :meth:`compute`, which reduces them with the counts in the same all-reduce, so every
+    rank decides alike): NaN, inf or negative counts (possible only from a custom layer
+    with float or signed buffers) make :meth:`compute` raise ``ValueError`` while such a
+    step is in the window; a count above ``2**31 - 1`` in one step is saturated to it with
+    one warning. Sums over the window and over ranks are int64 and cannot overflow.
+
     Args:
         num_layers: ``L``.
         num_logical: ``E``.
@@ -179,6 +189,9 @@ class ExpertLoadWindow(Metric):
             "logical_counts", torch.zeros(shape_LE, dtype=torch.int32), dist_reduce_fx="sum", persistent=True
         )
         self.add_state("cursor", torch.zeros((), dtype=torch.int64), dist_reduce_fx="max", persistent=True)
+        # per step: [any NaN/inf/negative count, any count saturated to int32]; not checkpointed
+        self.add_state("flags", torch.zeros((window_size, 2), dtype=torch.int32), dist_reduce_fx="sum")
+        self._warned_saturated = False
 
     def update(self, counts_LP: Tensor, physical_to_logical_LP: Tensor) -> None:
         """Record one optimizer step.
@@ -193,11 +206,21 @@ class ExpertLoadWindow(Metric):
                 f"counts_LP {tuple(counts_LP.shape)} and physical_to_logical_LP "
                 f"{tuple(physical_to_logical_LP.shape)} must have shape (L, P) = {shape}"
             )
-        counts_LP = counts_LP.detach().to(self.slot_counts.device, torch.int32)
-        row = torch.remainder(self.cursor, self.window_size).view(1)
-        self.slot_counts.index_copy_(0, row, counts_LP.unsqueeze(0))
+        counts_LP = counts_LP.detach().to(self.slot_counts.device)
+        if counts_LP.is_floating_point() or counts_LP.is_complex():
+            counts_LP = counts_LP.real if counts_LP.is_complex() else counts_LP
+            bad = ~torch.isfinite(counts_LP) | (counts_LP < 0)
+            counts_LP = torch.where(bad, torch.zeros_like(counts_LP), counts_LP)
+        else:
+            bad = counts_LP < 0
+        counts_LP = counts_LP.clamp(min=0).to(torch.int64)
         logical_LE = logical_load(counts_LP, physical_to_logical_LP.detach(), self.num_logical)
-        self.logical_counts.index_copy_(0, row, logical_LE.unsqueeze(0))
+        saturated = (counts_LP > _INT32_MAX).any() | (logical_LE > _INT32_MAX).any()
+        row = torch.remainder(self.cursor, self.window_size).view(1)
+        self.slot_counts.index_copy_(0, row, counts_LP.clamp(max=_INT32_MAX).to(torch.int32).unsqueeze(0))
+        self.logical_counts.index_copy_(0, row, logical_LE.clamp(max=_INT32_MAX).to(torch.int32).unsqueeze(0))
+        flags = torch.stack([bad.any(), saturated]).to(torch.int32)
+        self.flags.index_copy_(0, row, flags.unsqueeze(0))
         self.cursor.add_(1)
 
     def local_sum(self) -> WindowLoad:
@@ -213,22 +236,38 @@ class ExpertLoadWindow(Metric):
         """The window summed over its steps and over the ranks of the process group.
 
         Collective when a process group is initialised: call it on every rank together.
-        One ``all_reduce`` (sum) of the ``(L, P)`` and ``(L, E)`` sums packed together.
+        One ``all_reduce`` (sum) of the ``(L, P)`` and ``(L, E)`` sums and the two extreme-count
+        flags packed together; reading the flags synchronises with the device.
+
+        Raises:
+            ValueError: on every rank, if any rank recorded a NaN, inf or negative count
+                in a step still in the window.
         """
         local = self.local_sum()
-        if (
-            not (dist.is_available() and dist.is_initialized())
-            or dist.get_world_size(self.process_group) == 1
-        ):
-            return local
-        flat = torch.cat([local.slot_LP.flatten(), local.logical_LE.flatten()])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.process_group)
+        flags = self.flags.sum(0, dtype=torch.int64)
         split = self.num_layers * self.num_physical
-        return WindowLoad(
-            flat[:split].view(self.num_layers, self.num_physical),
-            flat[split:].view(self.num_layers, self.num_logical),
-            local.num_steps,
-        )
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
+            flat = torch.cat([local.slot_LP.flatten(), local.logical_LE.flatten(), flags])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.process_group)
+            flags = flat[-2:]
+            local = WindowLoad(
+                flat[:split].view(self.num_layers, self.num_physical),
+                flat[split:-2].view(self.num_layers, self.num_logical),
+                local.num_steps,
+            )
+        bad, saturated = flags.tolist()
+        if bad:
+            raise ValueError(
+                f"expert load counters held NaN, inf or negative values in {bad} rank-step(s) of the last "
+                f"{self.window_size} steps: a layer's expert_load must count token copies (finite, >= 0)"
+            )
+        if saturated and not self._warned_saturated:
+            self._warned_saturated = True
+            rank_zero_warn(
+                f"expert load counts above {_INT32_MAX} tokens per slot in one step were saturated to "
+                f"{_INT32_MAX} (the window stores int32 per step); the placement sees them capped"
+            )
+        return local
 
     def global_state(self) -> dict[str, Tensor]:
         """The window summed over ranks, as CPU tensors, for a checkpoint.

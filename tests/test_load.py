@@ -143,7 +143,7 @@ def _run_reduce(rank: int, world_size: int) -> None:
     finally:
         dist.all_reduce = real
     assert len(calls) == 1, calls  # one all-reduce of L * (P + E) values, not the whole window
-    assert calls[0] == (L * (P + E),)
+    assert calls[0] == (L * (P + E) + 2,)  # + the two extreme-count flags
     total = sum(range(1, world_size + 1))
     assert torch.equal(load.slot_LP, total * sum(counts[1:]))
     assert torch.equal(load.logical_LE, total * sum(_brute_logical(counts[k], p2ls[k]) for k in (1, 2, 3)))
