@@ -10,12 +10,16 @@ Physical slot ``p`` lives on rank ``p // S`` at local index ``p % S``.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Placement"]
+__all__ = ["POLICIES", "Placement", "rebalance"]
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,9 @@ class Placement:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_physical_to_logical(cls, physical_to_logical: Tensor, num_logical: int, num_ranks: int) -> Placement:
+    def from_physical_to_logical(
+        cls, physical_to_logical: Tensor, num_logical: int, num_ranks: int
+    ) -> Placement:
         """Derive the other two maps from ``physical_to_logical``.
 
         Args:
@@ -79,13 +85,17 @@ class Placement:
         count_LE.scatter_add_(1, p2l_LP, torch.ones_like(p2l_LP))
         if num_layers and int(count_LE.min()) < 1:
             layer, expert = (count_LE < 1).nonzero()[0].tolist()
-            raise ValueError(f"logical expert {expert} of layer {layer} has no physical slot; every expert needs >= 1")
+            raise ValueError(
+                f"logical expert {expert} of layer {layer} has no physical slot; every expert needs >= 1"
+            )
         width = num_physical - num_logical + 1
         # Stable sort by logical id keeps slots of one expert in increasing order.
         order_LP = torch.sort(p2l_LP, dim=1, stable=True).indices
         sorted_ids_LP = torch.gather(p2l_LP, 1, order_LP)
         first_LE = torch.cumsum(count_LE, dim=1) - count_LE
-        rank_in_expert_LP = torch.arange(num_physical).expand(num_layers, -1) - torch.gather(first_LE, 1, sorted_ids_LP)
+        rank_in_expert_LP = torch.arange(num_physical).expand(num_layers, -1) - torch.gather(
+            first_LE, 1, sorted_ids_LP
+        )
         l2p_LEM = torch.full((num_layers, num_logical, width), -1, dtype=torch.int64)
         layer_idx = torch.arange(num_layers).unsqueeze(1).expand(-1, num_physical)
         l2p_LEM[layer_idx, sorted_ids_LP, rank_in_expert_LP] = order_LP
@@ -171,7 +181,9 @@ class Placement:
         The three tensors agree, every expert has >= 1 replica, ``P % N == 0``, and no rank
         holds two replicas of one expert while a rank without that expert exists.
         """
-        rebuilt = Placement.from_physical_to_logical(self.physical_to_logical, self.num_logical, self.num_ranks)
+        rebuilt = Placement.from_physical_to_logical(
+            self.physical_to_logical, self.num_logical, self.num_ranks
+        )
         if not torch.equal(rebuilt.logical_to_physical, self.logical_to_physical):
             raise ValueError("logical_to_physical disagrees with physical_to_logical")
         if not torch.equal(rebuilt.logical_replica_count, self.logical_replica_count):
@@ -215,3 +227,178 @@ def _check_sizes(num_logical: int, num_physical: int, num_ranks: int) -> None:
         raise ValueError(f"num_physical ({num_physical}) must be >= num_logical ({num_logical})")
     if num_physical % num_ranks:
         raise ValueError(f"num_physical ({num_physical}) must be divisible by num_ranks ({num_ranks})")
+
+
+# ---------------------------------------------------------------------------- rebalance
+PolicyFn = Callable[..., Union["Placement", Tensor]]
+#: Names accepted by ``rebalance(policy=...)``.
+POLICIES = ("balanced", "deepseek")
+_warned_fallback: set[tuple[int, int]] = set()
+
+
+def rebalance(
+    load: Tensor,
+    num_physical: int,
+    num_ranks: int,
+    *,
+    num_nodes: int = 1,
+    num_groups: int = 1,
+    previous: Tensor | Placement | None = None,
+    policy: str | PolicyFn = "balanced",
+) -> Placement:
+    """Compute a placement of ``E`` logical experts onto ``num_physical`` slots for every layer.
+
+    Policies:
+
+    - ``"balanced"`` (default): replica counts by water-filling (at most ``num_ranks`` per
+      expert while slots allow), balanced differencing onto ranks with equal slot counts,
+      then swaps until the heaviest rank is within 1e-5 of the lower bound
+      ``max(mean rank load, heaviest replica)`` or no swap helps. With ``previous`` it starts
+      from the old placement and keeps every expert in its slot unless moving it gains more
+      than 5e-4 of the heaviest rank's load. Never two replicas of an expert on a rank while
+      another rank lacks it.
+    - ``"deepseek"``: DeepSeek's published EPLB, output for output (ignores ``previous``).
+    - a callable with this function's signature, returning a :class:`Placement` or an
+      ``(L, P)`` physical-to-logical tensor.
+
+    With ``num_nodes > 1`` both policies keep each group's experts on one node (groups packed
+    onto nodes with equal group counts); when ``num_groups % num_nodes != 0`` they warn once
+    and place globally.
+
+    Args:
+        load: ``(L, E)`` or ``(E,)`` non-negative tokens per logical expert; any real dtype,
+            any device.
+        num_physical: ``P >= E`` slots per layer, divisible by ``num_ranks``.
+        num_ranks: ``N`` expert-parallel ranks, divisible by ``num_nodes``.
+        num_nodes: ``M`` nodes (groups of ``N / M`` ranks with a fast interconnect).
+        num_groups: ``G`` expert groups (group-limited routing); divides ``E``.
+        previous: ``(L, P)`` physical-to-logical map in force (or a :class:`Placement`).
+        policy: ``"balanced"``, ``"deepseek"`` or a callable.
+
+    Returns:
+        A :class:`Placement` with CPU int64 tensors (``L = 1`` for a 1-D load).
+
+    Raises:
+        ValueError: naming the value and the rule it breaks.
+
+    Example:
+        >>> load = torch.tensor([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86]])
+        >>> p = rebalance(load, num_physical=16, num_ranks=8)
+        >>> p.logical_replica_count.tolist()
+        [[1, 2, 1, 1, 2, 2, 1, 1, 1, 1, 2, 1]]
+        >>> round(p.balancedness(load), 4)
+        0.929
+        >>> p.validate()  # DeepSeek's packing puts both replicas of expert 1 on one rank here
+        >>> rebalance(load, 16, 8, policy="deepseek").copies_per_rank()[0, 1].max().item()
+        2
+    """
+    load_LE = _check_rebalance_load(load)
+    num_layers, num_logical = load_LE.shape
+    for name, value in (
+        ("num_physical", num_physical),
+        ("num_ranks", num_ranks),
+        ("num_nodes", num_nodes),
+        ("num_groups", num_groups),
+    ):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} ({value!r}) must be a positive integer")
+    _check_sizes(num_logical, num_physical, num_ranks)
+    if num_logical % num_groups:
+        raise ValueError(
+            f"num_groups ({num_groups}) must divide the number of logical experts ({num_logical})"
+        )
+    if num_ranks % num_nodes:
+        raise ValueError(f"num_ranks ({num_ranks}) must be divisible by num_nodes ({num_nodes})")
+    previous_LP = _check_previous(previous, num_layers, num_logical, num_physical)
+    if callable(policy):
+        out = policy(
+            load,
+            num_physical,
+            num_ranks,
+            num_nodes=num_nodes,
+            num_groups=num_groups,
+            previous=previous,
+            policy=policy,
+        )
+        placement = (
+            out
+            if isinstance(out, Placement)
+            else Placement.from_physical_to_logical(out, num_logical, num_ranks)
+        )
+        if (
+            placement.physical_to_logical.shape != (num_layers, num_physical)
+            or placement.num_ranks != num_ranks
+        ):
+            raise ValueError(
+                f"custom policy returned a placement of shape {tuple(placement.physical_to_logical.shape)} on "
+                f"{placement.num_ranks} ranks, expected ({num_layers}, {num_physical}) on {num_ranks}"
+            )
+        return placement
+    if policy not in POLICIES:
+        raise ValueError(f"policy ({policy!r}) must be one of {POLICIES} or a callable")
+    groups, nodes = num_groups, num_nodes
+    if num_nodes > 1 and num_groups % num_nodes:
+        if (num_groups, num_nodes) not in _warned_fallback:
+            _warned_fallback.add((num_groups, num_nodes))
+            warnings.warn(
+                f"hierarchical placement needs num_groups ({num_groups}) divisible by num_nodes ({num_nodes}); "
+                "placing experts globally instead",
+                UserWarning,
+                stacklevel=2,
+            )
+        groups, nodes = 1, 1
+    load_np = load_LE.numpy()
+    if policy == "deepseek":
+        from lightning_eplb._policy_deepseek import deepseek_placement
+
+        p2l = deepseek_placement(load_np, num_physical, num_ranks, groups, nodes)
+    else:
+        from lightning_eplb._policy_balanced import balanced_placement
+
+        prev_np = None if previous_LP is None else previous_LP.numpy()
+        p2l = balanced_placement(load_np, num_physical, num_ranks, groups if nodes > 1 else 1, nodes, prev_np)
+    return Placement.from_physical_to_logical(
+        torch.from_numpy(np.ascontiguousarray(p2l)), num_logical, num_ranks
+    )
+
+
+def _check_rebalance_load(load: Tensor) -> Tensor:
+    load_LE = torch.as_tensor(load).detach()
+    if load_LE.is_complex() or load_LE.dtype == torch.bool:
+        raise ValueError(f"load must hold real numbers, got dtype {load_LE.dtype}")
+    load_LE = load_LE.to("cpu", torch.float64)
+    if load_LE.dim() == 1:
+        load_LE = load_LE.unsqueeze(0)
+    if load_LE.dim() != 2 or load_LE.shape[0] < 1 or load_LE.shape[1] < 1:
+        raise ValueError(f"load must have shape (L, E) or (E,) with L, E >= 1, got {tuple(load.shape)}")
+    if not bool(torch.isfinite(load_LE).all()):
+        raise ValueError("load must be finite: it holds NaN or inf")
+    if bool((load_LE < 0).any()):
+        raise ValueError(f"load must be non-negative, its minimum is {float(load_LE.min())}")
+    return load_LE
+
+
+def _check_previous(
+    previous: Tensor | Placement | None, num_layers: int, num_logical: int, num_physical: int
+) -> Tensor | None:
+    if previous is None:
+        return None
+    p2l = (
+        previous.physical_to_logical
+        if isinstance(previous, Placement)
+        else torch.as_tensor(previous).detach()
+    )
+    if p2l.dtype.is_floating_point or p2l.is_complex() or p2l.dtype == torch.bool:
+        raise ValueError(f"previous must be an integer tensor, got dtype {p2l.dtype}")
+    p2l = p2l.to("cpu", torch.int64)
+    if p2l.dim() == 1:
+        p2l = p2l.unsqueeze(0)
+    if tuple(p2l.shape) != (num_layers, num_physical):
+        raise ValueError(
+            f"previous has shape {tuple(p2l.shape)}, expected (L, P) = ({num_layers}, {num_physical})"
+        )
+    if int(p2l.min()) < 0 or int(p2l.max()) >= num_logical:
+        raise ValueError(
+            f"previous holds ids in [{int(p2l.min())}, {int(p2l.max())}], they must lie in [0, {num_logical})"
+        )
+    return p2l

@@ -1,0 +1,200 @@
+"""The balanced placement policy: near-optimal balance, fast, and movement-aware.
+
+1. Replica counts by water-filling (:func:`~lightning_eplb._packing.replica_counts`).
+2. From scratch: balanced differencing (:func:`~lightning_eplb._packing.kk_pack`); with a
+   previous placement: keep every replica that still exists in its slot and place only the
+   new ones (:func:`~lightning_eplb._packing.warm_pack`).
+3. Swaps between the heaviest rank and the others until the heaviest rank is within a
+   tolerance of the lower bound ``max(mean rank load, heaviest replica)`` or no swap helps.
+   From a previous placement the tolerance is looser, so that few slots change; a layer
+   whose warm result stays worse than a fresh one by more than that takes the fresh one,
+   with its ranks renamed to overlap the previous placement most.
+
+With nodes, groups are first packed onto nodes the same way (items are whole groups), then
+each node is solved as a flat problem; rows of the batch are then (layer, node) pairs.
+
+Shapes: ``L`` layers, ``E`` experts, ``P`` slots, ``N`` ranks, ``S = P // N``, ``G`` groups,
+``M`` nodes, ``B`` rows of a batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lightning_eplb._packing import PackState, improve, kk_pack, repair, replica_counts, replicas, warm_pack
+
+__all__ = ["balanced_placement"]
+
+#: Stop improving a fresh packing once the heaviest rank is within this of the lower bound.
+SCRATCH_TOLERANCE = 1e-5
+#: From a previous placement, accept a heaviest rank this close to the lower bound (and to a
+#: fresh packing) rather than moving more experts.
+WARM_TOLERANCE = 5e-4
+
+
+def _lower_bound(load_BE: np.ndarray, count_BE: np.ndarray, num_ranks: int) -> np.ndarray:
+    return np.maximum(load_BE.sum(1) / num_ranks, (load_BE / count_BE).max(1))
+
+
+def _fresh(load_BE: np.ndarray, count_BE: np.ndarray, num_ranks: int, target_B: np.ndarray) -> PackState:
+    expert_BX, item_load_BX = replicas(load_BE, count_BE)
+    expert_BNS, load_BNS = kk_pack(expert_BX, item_load_BX, num_ranks)
+    state = PackState.build(expert_BNS, load_BNS, load_BE.shape[1])
+    repair(state)
+    improve(state, target_B)
+    return state
+
+
+def _match_ranks(fresh_BNS: np.ndarray, previous_BNS: np.ndarray, num_experts: int) -> np.ndarray:
+    """Rename the ranks of ``fresh_BNS`` and reorder slots to keep most experts in place.
+
+    Ranks are matched greedily by the number of experts they share; inside a rank an expert
+    that was already there keeps its slot.
+
+    Returns:
+        ``(B, N, S)`` the same packing (same rank contents up to renaming) with slots moved.
+    """
+    num_rows, num_ranks, _ = fresh_BNS.shape
+    rows = np.arange(num_rows)
+    eye = np.eye(num_experts + 1, dtype=np.float32)[:, :num_experts]
+    fresh_BNE = eye[fresh_BNS].sum(2)
+    prev_BNE = eye[np.where(previous_BNS >= 0, previous_BNS, num_experts)].sum(2)
+    overlap_BNN = np.minimum(fresh_BNE[:, :, None, :], prev_BNE[:, None, :, :]).sum(-1)
+    target_BN = np.empty((num_rows, num_ranks), dtype=np.int64)
+    for _ in range(num_ranks):
+        best = overlap_BNN.reshape(num_rows, -1).argmax(1)
+        src, dst = np.divmod(best, num_ranks)
+        target_BN[rows, src] = dst
+        overlap_BNN[rows, src, :] = -1.0
+        overlap_BNN[rows, :, dst] = -1.0
+    moved_BNS = np.empty_like(fresh_BNS)
+    moved_BNS[rows[:, None], target_BN] = fresh_BNS
+    return _settle_slots(moved_BNS, previous_BNS, num_experts)
+
+
+def _settle_slots(expert_BNS: np.ndarray, previous_BNS: np.ndarray, num_experts: int) -> np.ndarray:
+    """Order each rank's experts so that those already on the rank keep their slots."""
+    per_rank = expert_BNS.shape[2]
+    prev = np.where(previous_BNS >= 0, previous_BNS, num_experts)
+    # old slot s keeps its expert if the new rank holds it (matched copy by copy)
+    same_BNSS = prev[..., :, None] == expert_BNS[..., None, :]
+    result = np.full_like(expert_BNS, -1)
+    taken_new = np.zeros_like(expert_BNS, dtype=bool)
+    for s in range(per_rank):  # S is small; each step is vectorised over rows and ranks
+        match = same_BNSS[..., s, :] & ~taken_new
+        has = match.any(-1)
+        pick = match.argmax(-1)
+        b_idx, n_idx = np.nonzero(has)
+        result[b_idx, n_idx, s] = expert_BNS[b_idx, n_idx, pick[b_idx, n_idx]]
+        taken_new[b_idx, n_idx, pick[b_idx, n_idx]] = True
+    # the remaining experts fill the remaining slots in order
+    rest_order = np.argsort(taken_new, axis=-1, kind="stable")
+    rest = np.take_along_axis(expert_BNS, rest_order, -1)
+    hole_order = np.argsort(result >= 0, axis=-1, kind="stable")
+    filled = np.take_along_axis(result, hole_order, -1)
+    num_rest = (~taken_new).sum(-1, keepdims=True)
+    filled = np.where(np.arange(per_rank) < num_rest, rest, filled)
+    np.put_along_axis(result, hole_order, filled, -1)
+    return result
+
+
+def solve_flat(
+    load_BE: np.ndarray, num_slots: int, num_ranks: int, previous_BX: np.ndarray | None
+) -> np.ndarray:
+    """Balanced packing of every row on its own ranks.
+
+    Args:
+        load_BE: ``(B, E)`` float64 loads.
+        num_slots: ``X`` slots per row, divisible by ``num_ranks``.
+        num_ranks: ``N``.
+        previous_BX: ``(B, X)`` previous expert of each slot (``-1``: no expert to keep) or None.
+
+    Returns:
+        ``(B, X)`` int64 expert of each slot.
+    """
+    num_rows, num_experts = load_BE.shape
+    per_rank = num_slots // num_ranks
+    count_BE = replica_counts(load_BE, num_slots, num_ranks)
+    bound_B = _lower_bound(load_BE, count_BE, num_ranks)
+    fresh = _fresh(load_BE, count_BE, num_ranks, bound_B * (1 + SCRATCH_TOLERANCE))
+    if previous_BX is None:
+        return fresh.expert.reshape(num_rows, num_slots)
+    previous_BNS = previous_BX.reshape(num_rows, num_ranks, per_rank)
+    warm = warm_pack(previous_BNS, load_BE, count_BE)
+    repair(warm)
+    fresh_peak_B = fresh.rank_load.max(1)
+    improve(warm, np.maximum(bound_B, fresh_peak_B) * (1 + WARM_TOLERANCE))
+    worse = np.nonzero(warm.rank_load.max(1) > fresh_peak_B * (1 + WARM_TOLERANCE))[0]
+    out_BNS = warm.expert
+    if len(worse):
+        out_BNS[worse] = _match_ranks(fresh.expert[worse], previous_BNS[worse], num_experts)
+    return out_BNS.reshape(num_rows, num_slots)
+
+
+def _previous_group_packing(
+    previous_LP: np.ndarray, num_groups: int, num_nodes: int, group_size: int
+) -> np.ndarray:
+    """``(L, M, G/M)`` groups of each node in a previous placement, ``-1`` where unknown."""
+    num_layers, num_slots = previous_LP.shape
+    node_P = np.arange(num_slots) // (num_slots // num_nodes)
+    votes = np.zeros((num_layers, num_groups, num_nodes), dtype=np.int64)
+    np.add.at(votes, (np.arange(num_layers)[:, None], previous_LP // group_size, node_P[None]), 1)
+    node_LG = votes.argmax(-1)
+    per_node = num_groups // num_nodes
+    consistent = (np.stack([(node_LG == m).sum(1) for m in range(num_nodes)], 1) == per_node).all(1)
+    order_LG = np.argsort(node_LG, axis=1, kind="stable")
+    packing = order_LG.reshape(num_layers, num_nodes, per_node)
+    return np.where(consistent[:, None, None], packing, -1)
+
+
+def balanced_placement(
+    load_LE: np.ndarray,
+    num_physical: int,
+    num_ranks: int,
+    num_groups: int,
+    num_nodes: int,
+    previous_LP: np.ndarray | None,
+) -> np.ndarray:
+    """The balanced policy (hierarchical when ``num_nodes > 1``).
+
+    Args:
+        load_LE: ``(L, E)`` float64 loads.
+        num_physical: ``P``.
+        num_ranks: ``N``, divisible by ``num_nodes``.
+        num_groups: ``G``; with ``num_nodes > 1`` each group's experts stay on one node.
+        num_nodes: ``M``; ``G % M == 0`` when ``M > 1``.
+        previous_LP: ``(L, P)`` previous physical-to-logical map or None.
+
+    Returns:
+        ``(L, P)`` int64 physical-to-logical map.
+    """
+    if num_nodes == 1:
+        return solve_flat(load_LE, num_physical, num_ranks, previous_LP)
+    num_layers, num_experts = load_LE.shape
+    group_size = num_experts // num_groups
+    # 1. groups onto nodes, like replicas onto ranks (one replica per group)
+    group_load_LG = load_LE.reshape(num_layers, num_groups, group_size).sum(-1)
+    ones_LG = np.ones_like(group_load_LG, dtype=np.int64)
+    node_bound_L = group_load_LG.sum(1) / num_nodes
+    if previous_LP is None:
+        groups = _fresh(group_load_LG, ones_LG, num_nodes, node_bound_L * (1 + SCRATCH_TOLERANCE))
+    else:
+        prev_groups = _previous_group_packing(previous_LP, num_groups, num_nodes, group_size)
+        groups = warm_pack(prev_groups, group_load_LG, ones_LG)
+        fresh = _fresh(group_load_LG, ones_LG, num_nodes, node_bound_L * (1 + SCRATCH_TOLERANCE))
+        improve(groups, np.maximum(node_bound_L, fresh.rank_load.max(1)) * (1 + WARM_TOLERANCE))
+    group_LMK = groups.expert  # (L, M, G/M)
+    # 2. each node as a flat problem over its experts; rows are (layer, node)
+    expert_LMX = (group_LMK[..., None] * group_size + np.arange(group_size)).reshape(
+        num_layers * num_nodes, -1
+    )
+    sub_load = np.take_along_axis(np.repeat(load_LE, num_nodes, axis=0), expert_LMX, 1)
+    slots_per_node = num_physical // num_nodes
+    previous_local = None
+    if previous_LP is not None:
+        local_of = np.full((num_layers * num_nodes, num_experts), -1, dtype=np.int64)
+        np.put_along_axis(local_of, expert_LMX, np.arange(expert_LMX.shape[1])[None], 1)
+        prev_rows = previous_LP.reshape(num_layers * num_nodes, slots_per_node)
+        previous_local = np.take_along_axis(local_of, prev_rows, 1)
+    local = solve_flat(sub_load, slots_per_node, num_ranks // num_nodes, previous_local)
+    return np.take_along_axis(expert_LMX, local, 1).reshape(num_layers, num_physical)
