@@ -264,12 +264,15 @@ def _run_disagreements(rank: int, world_size: int) -> None:
     )
 
 
-def test_misconfigurations_raise_on_every_rank():
-    spawn(_run_misconfigurations, world_size=2, timeout_s=20)
+def _run_all(rank: int, world_size: int) -> None:
+    _run_misconfigurations(rank, world_size)
+    _run_disagreements(rank, world_size)
 
 
-def test_disagreeing_ranks_raise_on_every_rank():
-    spawn(_run_disagreements, world_size=2, timeout_s=20)
+def test_misconfigurations_and_disagreeing_ranks_raise_on_every_rank():
+    """One spawned pair for both (each spawn costs seconds of imports); a short timeout turns
+    a hang into a failure."""
+    spawn(_run_all, world_size=2, timeout_s=20)
 
 
 def test_single_process_checks_are_free():
