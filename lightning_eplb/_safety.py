@@ -199,6 +199,16 @@ def failures(
     return {r: str(messages[r]) for r in ranks}
 
 
+def refuse_if_broken(broken: str | None) -> None:
+    """Raise ``RuntimeError`` if a migration failed (``broken`` says where): expert tensors
+    may be half-migrated, so no checkpoint may be written from them."""
+    if broken is not None:
+        raise RuntimeError(
+            f"EplbCallback refuses to save a checkpoint: the migration at {broken}. Expert weights "
+            "and optimizer state may be half-migrated; resume from the last checkpoint written before it"
+        )
+
+
 # ---------------------------------------------------------------------------- callback fingerprints
 def _policy_name(policy: Any) -> str:
     if isinstance(policy, str):

@@ -411,7 +411,7 @@ class EplbCallback(Callback):
             RuntimeError: after a failed migration (expert tensors may be half-migrated):
                 resume from the last checkpoint written before it instead.
         """
-        self._refuse_if_broken()
+        _safety.refuse_if_broken(self._broken)
         utils.checkpoint_hook("save_expert_state")(self, trainer, pl_module, checkpoint)
 
     @override
@@ -428,7 +428,7 @@ class EplbCallback(Callback):
         Collective under DDP (Lightning calls it on every rank while saving a checkpoint):
         the window is all-reduced so the checkpoint holds every rank's counts, not rank 0's.
         """
-        self._refuse_if_broken()
+        _safety.refuse_if_broken(self._broken)
         state: dict[str, Any] = {
             "version": _STATE_VERSION,
             "last_rearrangement_step": self.last_rearrangement_step,
@@ -437,13 +437,6 @@ class EplbCallback(Callback):
         if self._window is not None:
             state["window"] = self._window.global_state()
         return state
-
-    def _refuse_if_broken(self) -> None:
-        if self._broken is not None:
-            raise RuntimeError(
-                f"EplbCallback refuses to save a checkpoint: the migration at {self._broken}. Expert weights "
-                "and optimizer state may be half-migrated; resume from the last checkpoint written before it"
-            )
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -161,6 +161,7 @@ class ExpertLoadWindow(Metric):
     slot_counts: Tensor
     logical_counts: Tensor
     cursor: Tensor
+    extreme_flags: Tensor
 
     def __init__(
         self, num_layers: int, num_logical: int, num_physical: int, window_size: int, **kwargs: Any
@@ -190,7 +191,7 @@ class ExpertLoadWindow(Metric):
         )
         self.add_state("cursor", torch.zeros((), dtype=torch.int64), dist_reduce_fx="max", persistent=True)
         # per step: [any NaN/inf/negative count, any count saturated to int32]; not checkpointed
-        self.add_state("flags", torch.zeros((window_size, 2), dtype=torch.int32), dist_reduce_fx="sum")
+        self.add_state("extreme_flags", torch.zeros((window_size, 2), dtype=torch.int32), dist_reduce_fx="sum")
         self._warned_saturated = False
 
     def update(self, counts_LP: Tensor, physical_to_logical_LP: Tensor) -> None:
@@ -215,12 +216,12 @@ class ExpertLoadWindow(Metric):
             bad = counts_LP < 0
         counts_LP = counts_LP.clamp(min=0).to(torch.int64)
         logical_LE = logical_load(counts_LP, physical_to_logical_LP.detach(), self.num_logical)
-        saturated = (counts_LP > _INT32_MAX).any() | (logical_LE > _INT32_MAX).any()
+        saturated = logical_LE.max() > _INT32_MAX  # >= every slot count of the expert
         row = torch.remainder(self.cursor, self.window_size).view(1)
         self.slot_counts.index_copy_(0, row, counts_LP.clamp(max=_INT32_MAX).to(torch.int32).unsqueeze(0))
         self.logical_counts.index_copy_(0, row, logical_LE.clamp(max=_INT32_MAX).to(torch.int32).unsqueeze(0))
         flags = torch.stack([bad.any(), saturated]).to(torch.int32)
-        self.flags.index_copy_(0, row, flags.unsqueeze(0))
+        self.extreme_flags.index_copy_(0, row, flags.unsqueeze(0))
         self.cursor.add_(1)
 
     def local_sum(self) -> WindowLoad:
@@ -244,7 +245,7 @@ class ExpertLoadWindow(Metric):
                 in a step still in the window.
         """
         local = self.local_sum()
-        flags = self.flags.sum(0, dtype=torch.int64)
+        flags = self.extreme_flags.sum(0, dtype=torch.int64)
         split = self.num_layers * self.num_physical
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
             flat = torch.cat([local.slot_LP.flatten(), local.logical_LE.flatten(), flags])
