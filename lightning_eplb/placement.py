@@ -256,7 +256,8 @@ def rebalance(
       ``max(mean rank load, heaviest replica)`` or no swap helps. With ``previous`` it starts
       from the old placement and keeps every expert in its slot unless moving it gains more
       than 5e-4 of the heaviest rank's load. Never two replicas of an expert on a rank while
-      another rank lacks it.
+      another rank lacks it (with nodes: another rank of the same node, replicas never leave
+      their group's node).
     - ``"deepseek"``: DeepSeek's published EPLB, output for output (ignores ``previous``).
     - a callable with this function's signature, returning a :class:`Placement` or an
       ``(L, P)`` physical-to-logical tensor.
