@@ -182,7 +182,18 @@ def balanced_placement(
         prev_groups = _previous_group_packing(previous_LP, num_groups, num_nodes, group_size)
         groups = warm_pack(prev_groups, group_load_LG, ones_LG)
         fresh = _fresh(group_load_LG, ones_LG, num_nodes, node_bound_L * (1 + SCRATCH_TOLERANCE))
-        improve(groups, np.maximum(node_bound_L, fresh.rank_load.max(1)) * (1 + WARM_TOLERANCE))
+        fresh_peak_L = fresh.rank_load.max(1)
+        improve(groups, np.maximum(node_bound_L, fresh_peak_L) * (1 + WARM_TOLERANCE))
+        # as in solve_flat: a layer whose kept group layout stays clearly worse than a fresh
+        # one takes the fresh one, its nodes renamed to overlap the previous layout most
+        worse = np.nonzero(groups.rank_load.max(1) > fresh_peak_L * (1 + WARM_TOLERANCE))[0]
+        if len(worse):
+            known = prev_groups[worse]
+            groups.expert[worse] = np.where(
+                (known >= 0).all((1, 2))[:, None, None],
+                _match_ranks(fresh.expert[worse], known, num_groups),
+                fresh.expert[worse],
+            )
     group_LMK = groups.expert  # (L, M, G/M)
     # 2. each node as a flat problem over its experts; rows are (layer, node)
     expert_LMX = (group_LMK[..., None] * group_size + np.arange(group_size)).reshape(

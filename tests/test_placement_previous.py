@@ -8,6 +8,7 @@ import torch
 
 from lightning_eplb._packing import PackState, improve
 from lightning_eplb.placement import rebalance
+from tests.test_placement import _check_groups_on_nodes
 
 
 @pytest.mark.timeout(20)
@@ -36,3 +37,22 @@ def test_improve_stops_at_its_round_cap_on_an_unreachable_target():
     assert (state.rank_load.max(1) <= before).all()
     np.testing.assert_allclose(state.rank_load.sum(1), load.sum((1, 2)))
     assert sorted(state.expert.ravel().tolist()) == sorted(expert.ravel().tolist())
+
+
+def test_hierarchical_with_previous_never_keeps_a_clearly_worse_group_layout():
+    # 16 groups on 4 nodes; the previous placement was made for unrelated loads, so keeping
+    # its group layout and swapping pairs of groups leaves some layers' heaviest node well
+    # above a fresh packing's (up to 13% before the per-layer fallback)
+    gen = torch.Generator().manual_seed(1)
+    layers, experts, slots, ranks, nodes, groups = 16, 32, 48, 8, 4, 16
+    for _ in range(3):
+        load = torch.rand(layers, experts, generator=gen, dtype=torch.float64) ** 6 * 1000
+        other = torch.rand(layers, experts, generator=gen, dtype=torch.float64) ** 6 * 1000
+        prev = rebalance(other, slots, ranks, num_nodes=nodes, num_groups=groups)
+        warm = rebalance(load, slots, ranks, num_nodes=nodes, num_groups=groups, previous=prev)
+        fresh = rebalance(load, slots, ranks, num_nodes=nodes, num_groups=groups)
+        warm.validate()
+        _check_groups_on_nodes(warm, groups, nodes)
+        node_warm = warm.rank_loads(load).view(layers, nodes, -1).sum(-1).max(1).values
+        node_fresh = fresh.rank_loads(load).view(layers, nodes, -1).sum(-1).max(1).values
+        assert (node_warm <= node_fresh * (1 + 5e-4) + 1e-9).all()
