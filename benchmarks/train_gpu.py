@@ -117,7 +117,7 @@ class MoEStack(L.LightningModule):
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         h = self.inputs
-        for norm, layer in zip(self.norms, self.layers):
+        for norm, layer in zip(self.norms, self.layers, strict=True):
             h = h + layer(norm(h))
         return h.float().pow(2).mean()
 
@@ -269,11 +269,11 @@ def main() -> None:
     num_redundant = world * args.redundant_per_rank
     pop = popularity_slices(args.layers, world, args.experts_per_rank)
     # Every rank draws its own tokens' choices: the same popularity, different tokens.
-    skewed = [draw_assignment(pop[l], args.tokens, args.top_k, seed=100 * l + rank) for l in range(args.layers)]
+    skewed = [draw_assignment(pop[i], args.tokens, args.top_k, seed=100 * i + rank) for i in range(args.layers)]
     uniform = [balanced_assignment(args.experts, args.tokens, args.top_k) for _ in range(args.layers)]
     static_bal = []
-    for l in range(args.layers):
-        rank_load = pop[l].view(world, -1).sum(1)
+    for i in range(args.layers):
+        rank_load = pop[i].view(world, -1).sum(1)
         static_bal.append(float(rank_load.mean() / rank_load.max()))
 
     def eplb(first: int, **kw) -> EplbCallback:  # type: ignore[no-untyped-def]
