@@ -166,8 +166,67 @@ def balanced_placement(
         previous_LP: ``(L, P)`` previous physical-to-logical map or None.
 
     Returns:
-        ``(L, P)`` int64 physical-to-logical map.
+        ``(L, P)`` int64 physical-to-logical map; a layer whose previous row is valid and no
+        less balanced than the computed one keeps the previous row unchanged.
     """
+    out_LP = _solve(load_LE, num_physical, num_ranks, num_groups, num_nodes, previous_LP)
+    if previous_LP is None:
+        return out_LP
+    keep_L = _previous_at_least_as_good(load_LE, previous_LP, out_LP, num_ranks, num_groups, num_nodes)
+    return np.where(keep_L[:, None], previous_LP, out_LP)
+
+
+def _rank_peak(load_LE: np.ndarray, p2l_LP: np.ndarray, num_ranks: int) -> np.ndarray:
+    """``(L,)`` heaviest rank load of a placement (each replica carries ``load / count``)."""
+    num_layers, num_experts = load_LE.shape
+    count_LE = np.zeros((num_layers, num_experts), dtype=np.int64)
+    np.add.at(count_LE, (np.arange(num_layers)[:, None], p2l_LP), 1)
+    per_replica_LE = load_LE / np.maximum(count_LE, 1)
+    slot_LP = np.take_along_axis(per_replica_LE, p2l_LP, 1)
+    return slot_LP.reshape(num_layers, num_ranks, -1).sum(-1).max(1)
+
+
+def _previous_at_least_as_good(
+    load_LE: np.ndarray,
+    previous_LP: np.ndarray,
+    out_LP: np.ndarray,
+    num_ranks: int,
+    num_groups: int,
+    num_nodes: int,
+) -> np.ndarray:
+    """``(L,)`` bool: the previous row is a valid result and no less balanced than ``out_LP``.
+
+    Valid: every expert has a replica, no rank holds two replicas of an expert while a rank
+    of its node lacks it, and (with nodes) every group's replicas lie on one node.
+    """
+    num_layers, num_experts = load_LE.shape
+    num_slots = previous_LP.shape[1]
+    layer_L1 = np.arange(num_layers)[:, None]
+    rank_P = np.arange(num_slots) // (num_slots // num_ranks)
+    copies_LEN = np.zeros((num_layers, num_experts, num_ranks), dtype=np.int64)
+    np.add.at(copies_LEN, (layer_L1, previous_LP, rank_P[None]), 1)
+    valid_L = (copies_LEN.sum(-1) >= 1).all(1)
+    per_node = copies_LEN.reshape(num_layers, num_experts, num_nodes, num_ranks // num_nodes)
+    spread_ok = ~((per_node >= 2).any(-1) & (per_node == 0).any(-1)).any((1, 2))
+    valid_L &= spread_ok
+    if num_nodes > 1:
+        group_LP = previous_LP // (num_experts // num_groups)
+        node_P = np.arange(num_slots) // (num_slots // num_nodes)
+        on_node_LGM = np.zeros((num_layers, num_groups, num_nodes), dtype=np.int64)
+        np.add.at(on_node_LGM, (layer_L1, group_LP, node_P[None]), 1)
+        valid_L &= ((on_node_LGM > 0).sum(-1) == 1).all(1)
+    previous_peak_L = _rank_peak(load_LE, previous_LP, num_ranks)
+    return valid_L & (previous_peak_L <= _rank_peak(load_LE, out_LP, num_ranks))
+
+
+def _solve(
+    load_LE: np.ndarray,
+    num_physical: int,
+    num_ranks: int,
+    num_groups: int,
+    num_nodes: int,
+    previous_LP: np.ndarray | None,
+) -> np.ndarray:
     if num_nodes == 1:
         return solve_flat(load_LE, num_physical, num_ranks, previous_LP)
     num_layers, num_experts = load_LE.shape

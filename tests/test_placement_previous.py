@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lightning_eplb._packing import PackState, improve
-from lightning_eplb.placement import rebalance
+from lightning_eplb.placement import Placement, rebalance
 from tests.test_placement import _check_groups_on_nodes
 
 
@@ -56,3 +56,48 @@ def test_hierarchical_with_previous_never_keeps_a_clearly_worse_group_layout():
         node_warm = warm.rank_loads(load).view(layers, nodes, -1).sum(-1).max(1).values
         node_fresh = fresh.rank_loads(load).view(layers, nodes, -1).sum(-1).max(1).values
         assert (node_warm <= node_fresh * (1 + 5e-4) + 1e-9).all()
+
+
+def test_never_less_balanced_than_a_valid_previous_placement():
+    load = torch.tensor([[37, 13, 40, 38], [41, 61, 25, 1]])
+    prev = torch.tensor([[0, 1, 2, 3, 0, 1]] * 2)
+    p = rebalance(load, 6, 2, previous=prev)
+    old = Placement.from_physical_to_logical(prev, 4, 2)
+    # a fresh packing of layer 0 only reaches 0.842 with its water-filling counts
+    assert p.balancedness(load) >= old.balancedness(load) == pytest.approx(128 / 141)
+    assert torch.equal(p.physical_to_logical, prev)
+    # on one rank every placement is equally balanced: nothing moves
+    assert torch.equal(rebalance(load, 6, 1, previous=prev).physical_to_logical, prev)
+
+
+def test_previous_kept_only_when_valid_and_layer_by_layer():
+    load = torch.tensor([[37.0, 13, 40, 38], [41, 61, 25, 1]])
+    # layer 0 lacks expert 3, layer 1 puts both replicas of expert 0 on rank 0
+    prev = torch.tensor([[0, 1, 2, 0, 1, 2], [0, 0, 1, 2, 3, 1]])
+    p = rebalance(load, 6, 2, previous=prev)
+    p.validate()
+    assert not torch.equal(p.physical_to_logical[0], prev[0])
+    assert not torch.equal(p.physical_to_logical[1], prev[1])
+    # a random valid previous never leaves a layer's heaviest rank heavier
+    gen = torch.Generator().manual_seed(3)
+    load = torch.rand(32, 16, generator=gen, dtype=torch.float64) ** 4
+    prev = rebalance(torch.rand(32, 16, generator=gen, dtype=torch.float64) ** 4, 24, 4)
+    new = rebalance(load, 24, 4, previous=prev)
+    new.validate()
+    peak_new = new.rank_loads(load).max(1).values
+    peak_prev = prev.rank_loads(load).max(1).values
+    assert (peak_new <= peak_prev * (1 + 1e-12)).all()
+    kept = (new.physical_to_logical == prev.physical_to_logical).all(1)
+    assert torch.equal(kept, kept & (peak_prev <= peak_new * (1 + 1e-12)))
+
+
+def test_hierarchical_previous_kept_only_with_groups_on_their_nodes():
+    load = torch.tensor([[5.0, 1, 1, 1]])
+    # 2 groups, 2 nodes of one rank each; the previous placement splits group 0
+    prev = torch.tensor([[0, 2, 1, 3]])
+    p = rebalance(load, 4, 2, num_nodes=2, num_groups=2, previous=prev)
+    _check_groups_on_nodes(p, 2, 2)
+    good = torch.tensor([[2, 3, 0, 1]])
+    assert torch.equal(
+        rebalance(load, 4, 2, num_nodes=2, num_groups=2, previous=good).physical_to_logical, good
+    )
