@@ -86,16 +86,43 @@ def broadcast_from_rank_zero(p2l_LP: Tensor, device: torch.device, failed: bool 
 
 
 def reduce_stats(
-    sent: int, received: int, seconds: float, device: torch.device
-) -> tuple[float, float, float]:
-    """Bytes sent summed over ranks, the busiest rank's bytes received, the slowest rank's seconds."""
+    sent: int, received: int, seconds: float, move_seconds: float, device: torch.device
+) -> tuple[float, float, float, float]:
+    """Bytes sent summed over ranks, the busiest rank's bytes received, the slowest rank's
+    seconds in all and in the migration."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return float(sent), float(received), seconds
-    mine = torch.tensor([sent, received, seconds], dtype=torch.float64, device=device)
+        return float(sent), float(received), seconds, move_seconds
+    mine = torch.tensor([sent, received, seconds, move_seconds], dtype=torch.float64, device=device)
     parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, mine)
     table = torch.stack(parts).cpu()
-    return float(table[:, 0].sum()), float(table[:, 1].max()), float(table[:, 2].max())
+    return (
+        float(table[:, 0].sum()),
+        float(table[:, 1].max()),
+        float(table[:, 2].max()),
+        float(table[:, 3].max()),
+    )
+
+
+def plot_option(value: bool) -> bool:
+    """``plot`` checked at construction: matplotlib must be importable when it is on."""
+    value = boolean("plot", value)
+    if value:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise ValueError("plot=True needs matplotlib: pip install 'lightning-eplb[viz]'")
+    return value
+
+
+def plot_rearrangement(
+    trainer: pl.Trainer, load_LE: Tensor, old_LP: Tensor, new_LP: Tensor, num_ranks: int, step: int
+) -> None:
+    """Heatmaps of one rearrangement on rank 0 (TensorBoard or PNG, see :mod:`lightning_eplb.viz`)."""
+    if trainer.is_global_zero:
+        from lightning_eplb.viz import log_figures
+
+        log_figures(trainer, load_LE, old_LP, new_LP, num_ranks, step)
 
 
 # ---------------------------------------------------------------------------- argument checks

@@ -87,6 +87,10 @@ class EplbCallback(Callback):
         trace_every_n_steps: also record the window every n steps (needs ``trace=True``).
         rearrange: ``False`` records and logs the load but never moves an expert (a baseline
             with the same logging).
+        plot: at each rearrangement rank 0 draws heatmaps of expert load and of rank load
+            before/after (:mod:`lightning_eplb.viz`; needs matplotlib, the ``viz`` extra): to
+            TensorBoard when the trainer has a ``TensorBoardLogger``, else PNG files under
+            ``<log_dir>/eplb``.
 
     Raises:
         ValueError: on a bad argument, naming the value and the rule.
@@ -113,6 +117,7 @@ class EplbCallback(Callback):
         trace: bool = False,
         trace_every_n_steps: int | None = None,
         rearrange: bool = True,
+        plot: bool = False,
     ) -> None:
         super().__init__()
         self.step_interval = utils.positive_int("step_interval", step_interval)
@@ -135,6 +140,7 @@ class EplbCallback(Callback):
         if self.trace_every_n_steps is not None and not self.trace:
             raise ValueError(f"trace_every_n_steps ({trace_every_n_steps}) needs trace=True")
         self.rearrange = utils.boolean("rearrange", rearrange)
+        self.plot = utils.plot_option(plot)
 
         self.layers: list[tuple[str, Any]] = []
         """``(qualified name, layer)`` of every balanced layer, found in :meth:`setup`."""
@@ -350,6 +356,7 @@ class EplbCallback(Callback):
         changed = new.num_changed_slots(old)
         skipped = changed == 0 or after - before < self.min_improvement or empty
         sent = received = 0
+        move_seconds = 0.0
         if not skipped:
             try:
                 stats = utils.migrate(
@@ -366,15 +373,15 @@ class EplbCallback(Callback):
                 if exc.half_done:
                     self._broken = f"step {step}: {exc}"
                 raise
-            sent, received = stats.bytes_sent, stats.bytes_received
+            sent, received, move_seconds = stats.bytes_sent, stats.bytes_received, stats.seconds
             for row, (_, layer) in enumerate(self.layers):
                 layer.set_placement(
                     new.physical_to_logical[row], new.logical_to_physical[row], new.logical_replica_count[row]
                 )
             self.num_rearrangements += 1
             self.last_rearrangement_step = step
-        total_sent, max_received, seconds = utils.reduce_stats(
-            sent, received, time.perf_counter() - start, load.slot_LP.device
+        total_sent, max_received, seconds, move_seconds = utils.reduce_stats(
+            sent, received, time.perf_counter() - start, move_seconds, load.slot_LP.device
         )
         record = {
             "step": float(step),
@@ -385,6 +392,7 @@ class EplbCallback(Callback):
             "bytes_sent": total_sent,
             "bytes_received_max": max_received,
             "seconds": seconds,
+            "migration_seconds": move_seconds,
             "skipped": float(skipped),
         }
         self.rearrangements.append(record)
@@ -394,6 +402,8 @@ class EplbCallback(Callback):
             self._trace_writer.add_rearrangement(
                 step, old_LP, old_LP if skipped else new_LP, before, after, int(total_sent), seconds
             )
+        if self.plot:
+            utils.plot_rearrangement(trainer, load_LE, old_LP, old_LP if skipped else new_LP, self._num_ranks, step)
         verb = "kept the placement (gain below min_improvement)" if skipped else f"moved {changed} slots"
         rank_zero_info(
             f"EPLB step {step}: predicted balancedness {before:.3f} -> {after:.3f} (measured {measured:.3f}); "

@@ -251,7 +251,9 @@ class _Manual(_Net):
 
 def test_manual_optimization_and_trace(tmp_path):
     """Manual optimization (one process, experts moving every 2 steps) trains like the
-    reference; trace=True writes every window and rearrangement to eplb_trace.npz."""
+    reference; trace=True writes every window and rearrangement to eplb_trace.npz; plot=True
+    saves the heatmaps of every rearrangement as PNG (no TensorBoard logger here)."""
+    pytest.importorskip("matplotlib")
     from lightning_eplb.trace import read_trace
 
     torch.set_default_dtype(torch.float64)
@@ -260,7 +262,7 @@ def test_manual_optimization_and_trace(tmp_path):
         _fit(reference, 1, str(tmp_path), [], clip=None)
         manual = _Manual()
         cb = EplbCallback(
-            step_interval=2, policy=_rotate, min_improvement=-1.0, trace=True, trace_every_n_steps=1
+            step_interval=2, policy=_rotate, min_improvement=-1.0, trace=True, trace_every_n_steps=1, plot=True
         )
         _fit(manual, 1, str(tmp_path), [cb], clip=None)
     finally:
@@ -269,6 +271,8 @@ def test_manual_optimization_and_trace(tmp_path):
     trace = read_trace(tmp_path / "eplb_trace.npz")
     assert trace.steps.tolist() == list(range(1, 9))  # one window per step, none twice
     assert trace.rearrangement_steps.tolist() == [2, 4, 6, 8]
+    pngs = sorted(p.name for p in tmp_path.rglob("*.png"))
+    assert len(pngs) >= 4 and all(p.startswith(("expert_load", "rank_load")) for p in pngs), pngs
     assert trace.slots_changed.tolist() == [12] * 4
     assert torch.equal(trace.placements[:-1], trace.placements_before[1:])
     assert trace.loads.shape == (8, 2, E) and float(trace.loads[0].sum()) == 2 * GLOBAL_BATCH * T * TOP_K
