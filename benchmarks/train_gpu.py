@@ -255,6 +255,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup-steps", type=int, default=15)
     parser.add_argument("--step-interval", type=int, default=200, help="default interval for amortisation")
+    parser.add_argument("--runs", default="a,a',b,c1,c2", help="which runs (a, b and c1 are required)")
     args = parser.parse_args()
     if args.small:
         args.hidden, args.ffn, args.tokens, args.layers, args.steps, args.warmup_steps = 64, 32, 256, 2, 12, 6
@@ -282,17 +283,23 @@ def main() -> None:
             log_every_n_steps=0, **kw,
         )
 
-    results = []
-    # (a) static, no callback
-    results.append(run(args, "(a) static, no EPLB", 0, skewed, None, count_syncs=True))
-    # overhead: same model with the callback recording but never rearranging
-    results.append(run(args, "(a') static + callback, no rearrangement", 0, skewed, eplb(10_000), count_syncs=True))
-    # (b) EPLB with redundant experts: one rearrangement at step warmup-5 from the window so far
-    cb = eplb(max(2, args.warmup_steps - 5))
-    results.append(run(args, "(b) EPLB, redundant experts", num_redundant, skewed, cb))
-    # (c) forced balance with both slot counts
-    results.append(run(args, "(c1) balanced routing, static slots", 0, uniform, None))
-    results.append(run(args, "(c2) balanced routing, EPLB slots", num_redundant, uniform, None))
+    cb = eplb(max(2, args.warmup_steps - 5))  # (b): one rearrangement from the window so far
+    plans = {
+        "a": ("(a) static, no EPLB", 0, skewed, None, True),
+        "a'": ("(a') static + callback, no rearrangement", 0, skewed, eplb(10_000), True),
+        "b": ("(b) EPLB, redundant experts", num_redundant, skewed, cb, False),
+        "c1": ("(c1) balanced routing, static slots", 0, uniform, None, False),
+        "c2": ("(c2) balanced routing, EPLB slots", num_redundant, uniform, None, False),
+    }
+    wanted = args.runs.split(",")
+    for key in ("a", "b", "c1"):
+        if key not in wanted:
+            raise SystemExit(f"--runs must include a, b and c1, got {args.runs!r}")
+    by_key = {}
+    for key in wanted:
+        label, redundant, assignment, callback, syncs = plans[key]
+        by_key[key] = run(args, label, redundant, assignment, callback, count_syncs=syncs)
+    results = list(by_key.values())
 
     moved = [r for r in cb.rearrangements if not r["skipped"]]
     stats = moved[-1] if moved else None
@@ -319,10 +326,12 @@ def main() -> None:
         print("| --- | ---: | ---: | ---: |")
         for r in results:
             print(f"| {r['label']} | {r['step_ms']:.2f} | {r['tokens_per_s']:.4g} | {r.get('syncs_per_step', '')} |")
-        a, ap, b = results[0], results[1], results[2]
-        c = max(results[3:], key=lambda r: r["tokens_per_s"])
+        a, b = by_key["a"], by_key["b"]
+        c = max((by_key[k] for k in ("c1", "c2") if k in by_key), key=lambda r: r["tokens_per_s"])
         print(f"\n(b)/(c) = {b['tokens_per_s'] / c['tokens_per_s']:.3f}   (b)/(a) = {b['tokens_per_s'] / a['tokens_per_s']:.3f}")
-        print(f"callback overhead on non-rearranging steps: {(ap['step_ms'] / a['step_ms'] - 1) * 100:+.2f}% step time")
+        if "a'" in by_key:
+            overhead = (by_key["a'"]["step_ms"] / a["step_ms"] - 1) * 100
+            print(f"callback overhead on non-rearranging steps: {overhead:+.2f}% step time")
         if stats is not None:
             total_s = stats["seconds"]
             move_s = stats.get("migration_seconds", total_s)
