@@ -229,18 +229,14 @@ class PackState:
         expert_RKS = self.expert[rows[:, None], partners_RK]
         load_RKS = self.load[rows[:, None], partners_RK].astype(np.float32)
         partner_load_RK = self.rank_load[rows[:, None], partners_RK]
-        copies_REN = self.copies[rows]
         ea_RS = self.expert[rows, rank_R]
         va_RS = self.load[rows, rank_R].astype(np.float32)
         heavy_R = self.rank_load[rows, rank_R]
         # copies of a's expert on its rank and on each partner; of b's expert on b's rank and on rank_R
-        ca_RSN = copies_REN[idx[:, None], ea_RS]
-        ca_own_RS = ca_RSN[idx[:, None], np.arange(per_rank)[None], rank_R[:, None]]
-        ca_RSK = np.take_along_axis(
-            ca_RSN, np.broadcast_to(partners_RK[:, None], (len(rows), per_rank, num_partners)), 2
-        )
-        cb_own_RKS = copies_REN[idx[:, None, None], expert_RKS, partners_RK[:, :, None]]
-        cb_there_RKS = copies_REN[idx[:, None, None], expert_RKS, rank_R[:, None, None]]
+        ca_own_RS = self.copies[rows[:, None], ea_RS, rank_R[:, None]]
+        ca_RSK = self.copies[rows[:, None, None], ea_RS[:, :, None], partners_RK[:, None, :]]
+        cb_own_RKS = self.copies[rows[:, None, None], expert_RKS, partners_RK[:, :, None]]
+        cb_there_RKS = self.copies[rows[:, None, None], expert_RKS, rank_R[:, None, None]]
         need = 1 if clash_R is None else 2
         ok_a_RSK = ca_own_RS[:, :, None] >= ca_RSK + need
         if clash_R is not None:
@@ -325,10 +321,10 @@ def improve(state: PackState, target_B: np.ndarray, max_rounds: int | None = Non
                     mine[stuck] = other
         else:
             score_R, slot_a, rank_b, slot_b = state._best_swaps(rows, heavy_R, None)
-        # the score is float32: accept a swap only if, in float64, it lowers the heavier of
-        # the two ranks by a margin (float32 rounding once made two ranks of one item trade
-        # their items forever); the sorted rank loads then fall strictly, and the round
-        # count is capped anyway
+        # the score is float32 (for speed): accept a swap only if, in float64, it lowers the
+        # heavier of the two ranks by a relative margin (float32 rounding once let two
+        # one-item ranks trade their items forever); the sorted rank loads then fall
+        # strictly, and the round count is capped anyway
         moved_R = state.load[rows, heavy_R, slot_a] - state.load[rows, rank_b, slot_b]
         after_R = np.maximum(peak_R - moved_R, state.rank_load[rows, rank_b] + moved_R)
         go = (score_R > 1e-7 * peak_R) & (after_R < peak_R * (1.0 - 1e-9)) & (rank_b != heavy_R)
