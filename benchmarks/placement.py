@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from functools import partial
@@ -88,6 +89,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="steps of the drifting sequence")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    print(f"load average at start: {os.getloadavg()[0]:.2f} (1 min)")
     loads = read_loads(args.loads_dir)
     print(
         f"loads: {len(loads)} files, {next(iter(loads.values())).shape[0]} layers x "
@@ -95,9 +97,10 @@ def main() -> None:
     )
     print(
         "| config | policy | ms/call (median) | balancedness mean (min) | lower bound | gap to bound "
-        "| shared-rank replicas | changed slots/step no prev | with prev | balancedness with prev |"
+        "| shared-rank replicas | changed slots/step no prev | with prev | drift balancedness no prev "
+        "| with prev |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for cfg in CONFIGS:
         name, ranks, slots, nodes, groups = cfg
         for policy in ("deepseek", "balanced"):
@@ -112,12 +115,12 @@ def main() -> None:
                 bounds.append(lower_bound(load, p))
                 shared += shared_ranks(p)
             first = next(iter(loads.values()))
-            ch0, _ = drift_changes(first, cfg, policy, args.steps, False)
+            ch0, b0 = drift_changes(first, cfg, policy, args.steps, False)
             if policy == "balanced":
                 ch1, b1 = drift_changes(first, cfg, policy, args.steps, True)
-                prev_cols = f"{100 * ch1:.1f}% | {b1:.5f}"
+                prev_cols = f"{100 * ch1:.1f}% | {b0:.5f} | {b1:.5f}"
             else:
-                prev_cols = "(ignores previous) | -"
+                prev_cols = f"(ignores previous) | {b0:.5f} | -"
             gap = statistics.mean(b - a for a, b in zip(bals, bounds, strict=True))
             print(
                 f"| {name} | {policy} | {1e3 * statistics.median(times):.1f} | {statistics.mean(bals):.5f} "
@@ -142,6 +145,7 @@ def main() -> None:
         tb, _ = timed(partial(rebalance, load, slots, ranks), args.repeats)
         td, _ = timed(partial(rebalance, load, slots, ranks, policy="deepseek"), args.repeats)
         print(f"| {layers} | {experts} | {slots} | {ranks} | {1e3 * tb:.1f} | {1e3 * td:.1f} |", flush=True)
+    print(f"\nload average at end: {os.getloadavg()[0]:.2f} (1 min)")
 
 
 if __name__ == "__main__":
