@@ -203,19 +203,23 @@ class PackState:
         rank_R: np.ndarray,
         clash_R: np.ndarray | None,
         partners_RK: np.ndarray | None = None,
+        target_R: np.ndarray | None = None,
     ) -> tuple[np.ndarray, ...]:
         """Best swap of one item of rank ``rank_R[i]`` with an item of another rank, per row.
 
         Without ``clash_R`` the score of a swap is how far it lowers the heavier of the two
         ranks (``min(d, gap - d)``, positive when it helps). With ``clash_R`` (an expert id per
         row) only that expert's item may leave, towards a rank holding two fewer copies, and
-        the score is minus the heavier rank load after the swap.
+        the score is minus the heavier rank load after the swap. With ``target_R`` (and no
+        ``clash_R``) the score is how far the swap lowers the two ranks' summed excess over
+        the target, so a swap never pushes a light partner far above it.
 
         Args:
             rows: ``(R,)`` rows to search.
             rank_R: ``(R,)`` the rank giving an item.
             clash_R: ``(R,)`` expert that must leave, or None.
             partners_RK: ``(R, K)`` ranks to consider as partners (default all).
+            target_R: ``(R,)`` rank load to reach, or None.
 
         Returns:
             ``(score_R, slot_a_R, rank_b_R, slot_b_R)``; ``score_R`` is ``-inf`` when no swap
@@ -243,7 +247,14 @@ class PackState:
             ok_a_RSK &= (ea_RS == clash_R[:, None])[:, :, None]
         ok = ok_a_RSK[..., None] & (cb_own_RKS > cb_there_RKS)[:, None]
         d = va_RS[:, :, None, None] - load_RKS[:, None]
-        if clash_R is None:
+        if clash_R is None and target_R is not None:
+            level = target_R.astype(np.float32)[:, None, None, None]
+            heavy = heavy_R.astype(np.float32)[:, None, None, None]
+            partner = partner_load_RK.astype(np.float32)[:, None, :, None]
+            before = np.maximum(heavy - level, 0) + np.maximum(partner - level, 0)
+            after = np.maximum(heavy - d - level, 0) + np.maximum(partner + d - level, 0)
+            score = np.where(ok & (d > 0), before - after, -np.inf)
+        elif clash_R is None:
             gap = (heavy_R[:, None] - partner_load_RK).astype(np.float32)[:, None, :, None]
             score = np.where(ok, np.minimum(d, gap - d), -np.inf)
         else:
@@ -277,7 +288,9 @@ def repair(state: PackState) -> None:
         raise RuntimeError("could not restore the spread rule")
 
 
-def improve(state: PackState, target_B: np.ndarray, max_rounds: int | None = None) -> int:
+def improve(
+    state: PackState, target_B: np.ndarray, max_rounds: int | None = None, *, few_moves: bool = False
+) -> int:
     """Swap items between the heaviest rank and the others while that lowers it.
 
     Each round takes, for every row still above its target, the swap that lowers the
@@ -290,6 +303,8 @@ def improve(state: PackState, target_B: np.ndarray, max_rounds: int | None = Non
     Args:
         state: the packing, changed in place.
         target_B: ``(B,)`` stop a row once its heaviest rank is at or below this.
+        few_moves: score swaps by how far they lower the summed excess of the two ranks over
+            the target (fewer swaps to reach a loose target) instead of the heavier rank.
         max_rounds: cap on the rounds; default ``ROUNDS_PER_SLOT * N * S + 16`` (the real
             loads need at most about ``0.45 * N * S``).
 
@@ -311,16 +326,19 @@ def improve(state: PackState, target_B: np.ndarray, max_rounds: int | None = Non
         rows, heavy_R, peak_R, rank_load = rows[busy], heavy_R[busy], peak_R[busy], rank_load[busy]
         if not len(rows):
             break
+        goal_R = target_B[rows] if few_moves else None
         if num_ranks > LIGHT_PARTNERS + 1:
             light_RK = np.argpartition(rank_load, LIGHT_PARTNERS - 1, axis=1)[:, :LIGHT_PARTNERS]
-            score_R, slot_a, rank_b, slot_b = state._best_swaps(rows, heavy_R, None, light_RK)
+            score_R, slot_a, rank_b, slot_b = state._best_swaps(rows, heavy_R, None, light_RK, goal_R)
             stuck = np.nonzero(score_R <= 1e-7 * peak_R)[0]
             if len(stuck):
-                found = state._best_swaps(rows[stuck], heavy_R[stuck], None)
+                found = state._best_swaps(
+                    rows[stuck], heavy_R[stuck], None, None, None if goal_R is None else goal_R[stuck]
+                )
                 for mine, other in zip((score_R, slot_a, rank_b, slot_b), found, strict=True):
                     mine[stuck] = other
         else:
-            score_R, slot_a, rank_b, slot_b = state._best_swaps(rows, heavy_R, None)
+            score_R, slot_a, rank_b, slot_b = state._best_swaps(rows, heavy_R, None, None, goal_R)
         # the score is float32 (for speed): accept a swap only if, in float64, it lowers the
         # heavier of the two ranks by a relative margin (float32 rounding once let two
         # one-item ranks trade their items forever); the sorted rank loads then fall

@@ -123,7 +123,7 @@ def solve_flat(
     warm = warm_pack(previous_BNS, load_BE, count_BE)
     repair(warm)
     fresh_peak_B = fresh.rank_load.max(1)
-    improve(warm, np.maximum(bound_B, fresh_peak_B) * (1 + WARM_TOLERANCE))
+    improve(warm, np.maximum(bound_B, fresh_peak_B) * (1 + WARM_TOLERANCE), few_moves=True)
     worse = np.nonzero(warm.rank_load.max(1) > fresh_peak_B * (1 + WARM_TOLERANCE))[0]
     out_BNS = warm.expert
     if len(worse):
