@@ -1,18 +1,16 @@
-"""Replica-gradient sync and state-dict loading for :class:`~lightning_eplb.moe.ExpertParallelMoE`.
+"""State-dict loading for :class:`~lightning_eplb.moe.ExpertParallelMoE`; re-exports the
+replica-gradient sync (:mod:`lightning_eplb._replica_sync`).
 
-Shapes: ``E`` logical experts, ``P`` physical slots, ``S`` local slots, ``N`` EP ranks,
-``Q`` local slots holding a replicated expert, ``X`` replicated experts.
+Shapes: ``E`` logical experts, ``P`` physical slots, ``S`` local slots, ``N`` EP ranks.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.distributed as dist
 from torch import Tensor
 
+from lightning_eplb._replica_sync import ReplicaIndex, sync_replica_grads_
 from lightning_eplb.placement import Placement
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -22,81 +20,14 @@ if TYPE_CHECKING:  # pragma: no cover
 #: layout of ``w1``/``w3``/``w2``: ``"logical"`` (``(E, ...)``) or ``"physical"`` (``(S, ...)``).
 EPLB_LAYOUT_KEY = "eplb_layout"
 _EXPERT_NAMES = ("w1", "w3", "w2")
+__all__ = [
+    "EPLB_LAYOUT_KEY",
+    "ReplicaIndex",
+    "load_state_dict_post_hook",
+    "load_state_dict_pre_hook",
+    "sync_replica_grads_",
+]
 _PLACEMENT_NAMES = ("physical_to_logical", "logical_to_physical", "logical_replica_count")
-
-
-@dataclass
-class ReplicaIndex:
-    """Which local slots hold a replicated expert, and that expert's row in the sync buffer.
-
-    Depends on the placement only, so it is built on CPU when the placement changes, and
-    the gradient sync needs no host synchronisation.
-
-    Attributes:
-        local_slots: ``(Q,)`` int64 local slot indices.
-        rows: ``(Q,)`` int64 row of each in the ``(X, ...)`` buffer (replicated experts in
-            increasing logical id).
-        num_replicated: ``X``, identical on every rank.
-    """
-
-    local_slots: Tensor
-    rows: Tensor
-    num_replicated: int
-    _on_device: dict[torch.device, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)
-
-    @classmethod
-    def build(
-        cls, physical_to_logical: Tensor, replica_count: Tensor, rank: int, num_slots: int
-    ) -> ReplicaIndex:
-        """Args: physical_to_logical: ``(P,)``; replica_count: ``(E,)``; rank; num_slots: ``S``."""
-        replicated_E = replica_count.to(torch.int64) > 1
-        row_E = torch.cumsum(replicated_E.to(torch.int64), 0) - 1
-        local_S = physical_to_logical.to(torch.int64)[rank * num_slots : (rank + 1) * num_slots]
-        local_slots = replicated_E[local_S].nonzero().flatten()
-        return cls(local_slots, row_E[local_S[local_slots]], int(replicated_E.sum()))
-
-    def on(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        """``(local_slots, rows)`` on ``device``, copied once per placement."""
-        if device not in self._on_device:
-            # non_blocking: a host-to-device copy from pageable memory without a stream sync
-            slots = self.local_slots.to(device, non_blocking=True)
-            self._on_device[device] = (slots, self.rows.to(device, non_blocking=True))
-        return self._on_device[device]
-
-
-@torch.no_grad()
-def sync_replica_grads_(
-    params: list[torch.nn.Parameter], index: ReplicaIndex, num_ranks: int, group: dist.ProcessGroup | None
-) -> None:
-    """Sum replica gradients across slots and ranks, write back, divide by ``num_ranks``.
-
-    Args:
-        params: per-slot parameters, each ``(S, ...)``; missing grads become zeros.
-        index: the current :class:`ReplicaIndex`.
-        num_ranks: ``N``.
-        group: the EP group (collective on it when ``N > 1`` and ``X > 0``).
-    """
-    grads = []
-    for p in params:
-        if p.grad is None or not p.grad.is_contiguous():
-            p.grad = torch.zeros_like(p) if p.grad is None else p.grad.contiguous()
-        grads.append(p.grad)
-    if index.num_replicated:
-        slots_Q, rows_Q = index.on(grads[0].device)
-        flats = [g.view(g.shape[0], -1) for g in grads]
-        sizes = [f.shape[1] for f in flats]
-        packed_QD = torch.cat([f.index_select(0, slots_Q) for f in flats], dim=1)
-        buf_XD = packed_QD.new_zeros(index.num_replicated, packed_QD.shape[1]).index_add_(
-            0, rows_Q, packed_QD
-        )
-        if num_ranks > 1:
-            dist.all_reduce(buf_XD, group=group)
-        summed_QD = buf_XD.index_select(0, rows_Q)
-        for f, part in zip(flats, summed_QD.split(sizes, dim=1), strict=True):
-            f.index_copy_(0, slots_Q, part)
-    if num_ranks > 1:
-        for g in grads:
-            g.div_(num_ranks)
 
 
 def load_state_dict_pre_hook(

@@ -248,9 +248,12 @@ class ExpertParallelMoE(nn.Module):
         )
 
     def sync_replica_grads(self) -> None:
-        """Sum each expert's gradient over its replicas (one all-reduce of the replicated
-        experts only, none if no expert is replicated), write the sum to every replica, and
-        divide every expert gradient by ``N`` to match DDP's averaging.
+        """Sum each expert's gradient over its replicas, write the sum to every replica
+        (bit-identical), and divide every expert gradient by ``N`` to match DDP's averaging.
+
+        Holders of an expert exchange their local sums point-to-point; experts held by many
+        ranks go through one all-reduce when that sends fewer bytes (planned per placement
+        by :class:`~lightning_eplb._replica_sync.ReplicaIndex`); nothing without replicas.
 
         Every rank of the EP group must call it once per optimizer step, after backward and
         before gradient clipping and ``optimizer.step()``. Missing gradients become zeros.
