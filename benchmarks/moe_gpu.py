@@ -15,7 +15,9 @@ Sections:
 3. Tokens/s of forward+backward on N GPUs against the same layer on one GPU (a one-rank
    group: all P slots, no collectives) at equal tokens per GPU.
 4. Step time (forward+backward+``sync_replica_grads``) with 0, 25% and 50% extra slots at
-   equal tokens, per expert backend (goal: under 3% apart for the default backend).
+   equal tokens, per expert backend (goal: under 3% apart for the default backend); also
+   without the sync, and with the sync forced to the former single all-reduce, to separate
+   the terms; and the bytes each rank sends in the sync.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_eplb._grouped import resolve_backend
+from lightning_eplb._replica_sync import ReplicaIndex
 from lightning_eplb.dense import DenseMoE
 from lightning_eplb.moe import ExpertParallelMoE
 from lightning_eplb.placement import Placement
@@ -80,7 +83,9 @@ def even_placement(num_logical: int, num_physical: int, num_ranks: int) -> Place
     rows = []
     for r in range(num_ranks):
         nxt = (r + 1) % num_ranks
-        rows.append(torch.cat([torch.arange(r * own, (r + 1) * own), torch.arange(nxt * own, nxt * own + extra)]))
+        rows.append(
+            torch.cat([torch.arange(r * own, (r + 1) * own), torch.arange(nxt * own, nxt * own + extra)])
+        )
     return Placement.from_physical_to_logical(torch.cat(rows), num_logical, num_ranks)
 
 
@@ -200,8 +205,10 @@ def sync_counts(device: torch.device, dtype: torch.dtype) -> dict[str, int | Non
 
 
 # ---------------------------------------------------------------------------- 3./4. timing
-def step_time(layer: ExpertParallelMoE, device: torch.device, dtype: torch.dtype) -> float:
-    """Mean seconds of forward+backward+sync_replica_grads, max over ranks."""
+def step_time(
+    layer: ExpertParallelMoE, device: torch.device, dtype: torch.dtype, with_sync: bool = True
+) -> float:
+    """Mean seconds of forward+backward(+sync_replica_grads if ``with_sync``), max over ranks."""
     gen = torch.Generator().manual_seed(3 + dist.get_rank())
     x = torch.randn(ARGS.tokens, ARGS.hidden, generator=gen).to(device, dtype).requires_grad_()
     gy = torch.randn(ARGS.tokens, ARGS.hidden, generator=gen).to(device, dtype)
@@ -215,7 +222,8 @@ def step_time(layer: ExpertParallelMoE, device: torch.device, dtype: torch.dtype
         layer.zero_grad(set_to_none=True)
         x.grad = None
         layer(x).backward(gy)
-        layer.sync_replica_grads()
+        if with_sync:
+            layer.sync_replica_grads()
         layer.reset_expert_load()
     sync(device)
     elapsed = torch.tensor([(time.perf_counter() - start) / ARGS.iters], device=device)
@@ -284,21 +292,46 @@ def main() -> None:
         "| backend | " + " | ".join(f"P={ARGS.experts + r} ms" for r in extras) + " | +25% | +50% |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
+    # rows: the step as the callback runs it; without the replica-gradient sync; with the sync
+    # forced to one all-reduce of every replicated expert (the former path)
+    variants = (("", True, None), (", no sync", False, None), (", all-reduce sync", True, 1))
+    sent: dict[int, tuple[float, float]] = {}
     for backend in ARGS.backends.split(","):
-        times = []
-        for redundant in extras:
-            layer = make_layer(device, low, redundant, backend)
-            even = even_placement(ARGS.experts, ARGS.experts + redundant, n)
-            layer.set_placement(
-                even.physical_to_logical[0], even.logical_to_physical[0], even.logical_replica_count[0]
+        for label, with_sync, max_p2p_holders in variants:
+            times = []
+            for redundant in extras:
+                layer = make_layer(device, low, redundant, backend)
+                even = even_placement(ARGS.experts, ARGS.experts + redundant, n)
+                layer.set_placement(
+                    even.physical_to_logical[0], even.logical_to_physical[0], even.logical_replica_count[0]
+                )
+                if max_p2p_holders is not None:  # benchmark-only: rebuild the private sync plan
+                    layer._replicas = ReplicaIndex.build(
+                        even.physical_to_logical[0],
+                        even.logical_replica_count[0],
+                        rank,
+                        layer.num_local_experts,
+                        max_p2p_holders=max_p2p_holders,
+                    )
+                row_bytes = sum(p[0].numel() for p in layer.expert_tensors()) * layer.w1.element_size()
+                if max_p2p_holders is None:
+                    sent[redundant] = (
+                        layer._replicas.sent_rows * row_bytes,
+                        layer._replicas.all_reduce_rows * row_bytes,
+                    )
+                times.append(step_time(layer, device, low, with_sync))
+            lines.append(
+                f"| {backend}{label} | {times[0] * 1e3:.2f} | {times[1] * 1e3:.2f} | {times[2] * 1e3:.2f} "
+                f"| {times[1] / times[0] - 1:+.1%} | {times[2] / times[0] - 1:+.1%} |"
             )
-            times.append(step_time(layer, device, low))
-        lines.append(
-            f"| {backend} | {times[0] * 1e3:.2f} | {times[1] * 1e3:.2f} | {times[2] * 1e3:.2f} "
-            f"| {times[1] / times[0] - 1:+.1%} | {times[2] / times[0] - 1:+.1%} |"
-        )
-        emit(lines)
-        lines = []
+            emit(lines)
+            lines = []
+    lines = [
+        "",
+        f"replica-gradient sync, MB sent by rank {rank} per step (point-to-point plan / one all-reduce): "
+        + ", ".join(f"R={r}: {a / 1e6:.1f} / {b / 1e6:.1f}" for r, (a, b) in sent.items()),
+    ]
+    emit(lines)
     dist.destroy_process_group()
 
 
