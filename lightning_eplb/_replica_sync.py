@@ -248,9 +248,11 @@ def sync_replica_grads_(
             ops, start = [], 0
             for q, rows in index.peers:
                 end = start + len(rows)
-                ops.append(dist.P2POp(dist.isend, send_VD[start:end], group=group, group_peer=q))
+                # P2POp takes the peer's global rank (group_peer= needs torch >= 2.6)
+                peer = dist.get_global_rank(group, q) if group is not None else q
+                ops.append(dist.P2POp(dist.isend, send_VD[start:end], peer, group))
                 recv = z_VD[index.num_local + start : index.num_local + end]
-                ops.append(dist.P2POp(dist.irecv, recv, group=group, group_peer=q))
+                ops.append(dist.P2POp(dist.irecv, recv, peer, group))
                 start = end
             for work in dist.batch_isend_irecv(ops):
                 work.wait()
