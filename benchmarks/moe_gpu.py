@@ -53,6 +53,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--backends", default="auto,bmm", help="expert backends for the slot-cost table")
+    parser.add_argument("--sections", default="1,2,3,4", help="which sections to run, e.g. 1,4")
     args = parser.parse_args()
     if args.small:
         args.hidden, args.ffn, args.experts, args.top_k, args.tokens = 64, 96, 8, 2, 256
@@ -260,7 +261,9 @@ def main() -> None:
             lines.append(f"| {str(dtype).split('.')[-1]} | {backend} | {cells} | {verdict} |")
 
     emit(lines)
-    counts = sync_counts(device, low)
+    lines = []
+    sections = {int(x) for x in ARGS.sections.split(",")}
+    counts = sync_counts(device, low) if 2 in sections else {}
     lines = [
         "",
         "## 2. host synchronisations (CUDA sync debug mode warnings)",
@@ -269,11 +272,12 @@ def main() -> None:
     ]
     lines += [f"| {k} | {'n/a (CPU)' if v is None else v} |" for k, v in counts.items()]
 
-    emit(lines)
+    if 2 in sections:
+        emit(lines)
     solo_groups = [dist.new_group([r]) for r in range(n)]
     redundant = 0
-    one = step_time(make_layer(device, low, redundant, "auto", group=solo_groups[rank]), device, low)
-    many = step_time(make_layer(device, low, redundant, "auto"), device, low)
+    one = 1.0 if 3 not in sections else step_time(make_layer(device, low, redundant, "auto", group=solo_groups[rank]), device, low)
+    many = 1.0 if 3 not in sections else step_time(make_layer(device, low, redundant, "auto"), device, low)
     lines = [
         "",
         f"## 3. forward+backward+sync throughput, {ARGS.tokens} tokens per GPU, P = E",
@@ -283,7 +287,11 @@ def main() -> None:
         f"| {n} GPUs, expert parallel | {many * 1e3:.2f} | {n * ARGS.tokens / many:,.0f} | {one / many:.2f} |",
     ]
 
-    emit(lines)
+    if 3 in sections:
+        emit(lines)
+    if 4 not in sections:
+        dist.destroy_process_group()
+        return
     extras = [round(ARGS.experts * frac / n) * n for frac in (0.0, 0.25, 0.5)]  # R, a multiple of N
     lines = [
         "",
