@@ -20,6 +20,8 @@ import numpy as np
 
 #: Partner ranks searched first for a swap with the heaviest rank (the lightest ones).
 LIGHT_PARTNERS = 8
+#: With a home packing, a swap's score drops by this fraction of the target per slot it changes.
+MOVE_PENALTY = 2e-5
 #: :func:`improve` stops after ``ROUNDS_PER_SLOT * slots + 16`` rounds whatever happens.
 ROUNDS_PER_SLOT = 2
 
@@ -153,12 +155,15 @@ class PackState:
         load: ``(B, N, S)`` float64 load of each slot.
         rank_load: ``(B, N)`` float64 sum of ``load`` over slots.
         copies: ``(B, E, N)`` int64 replicas of each expert on each rank.
+        home: ``(B, N, S)`` int64 expert each slot held before (``-1``: none), or None;
+            with a target, swap scores then favour swaps that change fewer slots.
     """
 
     expert: np.ndarray
     load: np.ndarray
     rank_load: np.ndarray
     copies: np.ndarray
+    home: np.ndarray | None = None
 
     @classmethod
     def build(
@@ -253,20 +258,25 @@ class PackState:
             partner = partner_load_RK.astype(np.float32)[:, None, :, None]
             before = np.maximum(heavy - level, 0) + np.maximum(partner - level, 0)
             after = np.maximum(heavy - d - level, 0) + np.maximum(partner + d - level, 0)
-            score = np.where(ok & (d > 0), before - after, -np.inf)
+            score = gross = np.where(ok & (d > 0), before - after, -np.inf)
+            if self.home is not None:
+                home_a = self.home[rows, rank_R][:, :, None, None]
+                home_b = self.home[rows[:, None], partners_RK][:, None]
+                ea, eb = ea_RS[:, :, None, None], expert_RKS[:, None]
+                moves = (eb != home_a).astype(np.int8) + (ea != home_b) - (ea != home_a) - (eb != home_b)
+                score = gross - (MOVE_PENALTY * level) * moves
         elif clash_R is None:
             gap = (heavy_R[:, None] - partner_load_RK).astype(np.float32)[:, None, :, None]
-            score = np.where(ok, np.minimum(d, gap - d), -np.inf)
+            score = gross = np.where(ok, np.minimum(d, gap - d), -np.inf)
         else:
             after = np.maximum(
                 heavy_R.astype(np.float32)[:, None, None, None] - d,
                 partner_load_RK.astype(np.float32)[:, None, :, None] + d,
             )
-            score = np.where(ok, -after, -np.inf)
-        flat = score.reshape(len(rows), -1)
-        best_R = flat.argmax(1)
+            score = gross = np.where(ok, -after, -np.inf)
+        best_R = score.reshape(len(rows), -1).argmax(1)
         slot_a_R, partner_R, slot_b_R = np.unravel_index(best_R, (per_rank, num_partners, per_rank))
-        return flat[idx, best_R], slot_a_R, partners_RK[idx, partner_R], slot_b_R
+        return gross.reshape(len(rows), -1)[idx, best_R], slot_a_R, partners_RK[idx, partner_R], slot_b_R
 
 
 def repair(state: PackState) -> None:

@@ -6,12 +6,17 @@
    new ones (:func:`~lightning_eplb._packing.warm_pack`).
 3. Swaps between the heaviest rank and the others until the heaviest rank is within a
    tolerance of the lower bound ``max(mean rank load, heaviest replica)`` or no swap helps.
-   From a previous placement the tolerance is looser, so that few slots change; a layer
-   whose warm result stays worse than a fresh one by more than that takes the fresh one,
-   with its ranks renamed to overlap the previous placement most.
+   From a previous placement the target is looser (``WARM_TOLERANCE`` above a fresh
+   packing's heaviest rank) and swaps are scored by the excess over it they remove, ties
+   going to swaps that change fewer slots; a layer whose warm result stays more than
+   ``FALLBACK_TOLERANCE`` above the fresh one takes the fresh one, with its ranks renamed
+   to overlap the previous placement most.
+4. With a previous placement, a layer whose previous row is valid and no less balanced
+   than the result keeps the previous row unchanged.
 
-With nodes, groups are first packed onto nodes the same way (items are whole groups), then
-each node is solved as a flat problem; rows of the batch are then (layer, node) pairs.
+With nodes, groups are first packed onto nodes the same way (items are whole groups; a
+layer whose kept group layout is worse than a fresh one takes the fresh one), then each
+node is solved as a flat problem; rows of the batch are then (layer, node) pairs.
 
 Shapes: ``L`` layers, ``E`` experts, ``P`` slots, ``N`` ranks, ``S = P // N``, ``G`` groups,
 ``M`` nodes, ``B`` rows of a batch.
@@ -30,6 +35,9 @@ SCRATCH_TOLERANCE = 1e-5
 #: From a previous placement, accept a heaviest rank this close to the lower bound (and to a
 #: fresh packing) rather than moving more experts.
 WARM_TOLERANCE = 5e-4
+#: A flat layer whose warm result stays more than this above a fresh packing's heaviest rank
+#: takes the fresh packing (which changes most of its slots).
+FALLBACK_TOLERANCE = 1.5e-3
 
 
 def _lower_bound(load_BE: np.ndarray, count_BE: np.ndarray, num_ranks: int) -> np.ndarray:
@@ -122,9 +130,14 @@ def solve_flat(
     previous_BNS = previous_BX.reshape(num_rows, num_ranks, per_rank)
     warm = warm_pack(previous_BNS, load_BE, count_BE)
     repair(warm)
+    warm.home = previous_BNS
     fresh_peak_B = fresh.rank_load.max(1)
-    improve(warm, np.maximum(bound_B, fresh_peak_B) * (1 + WARM_TOLERANCE), few_moves=True)
-    worse = np.nonzero(warm.rank_load.max(1) > fresh_peak_B * (1 + WARM_TOLERANCE))[0]
+    warm_target_B = np.maximum(bound_B, fresh_peak_B) * (1 + WARM_TOLERANCE)
+    improve(warm, warm_target_B, few_moves=True)
+    # rows the few-moves scoring left above the target get the balance-first swaps before
+    # any falls back to the fresh packing (which changes most of its slots)
+    improve(warm, warm_target_B)
+    worse = np.nonzero(warm.rank_load.max(1) > fresh_peak_B * (1 + FALLBACK_TOLERANCE))[0]
     out_BNS = warm.expert
     if len(worse):
         out_BNS[worse] = _match_ranks(fresh.expert[worse], previous_BNS[worse], num_experts)

@@ -254,8 +254,10 @@ def rebalance(
       expert while slots allow), balanced differencing onto ranks with equal slot counts,
       then swaps until the heaviest rank is within 1e-5 of the lower bound
       ``max(mean rank load, heaviest replica)`` or no swap helps. With ``previous`` it starts
-      from the old placement and keeps every expert in its slot unless moving it gains more
-      than 5e-4 of the heaviest rank's load. Never two replicas of an expert on a rank while
+      from the old placement and moves experts only until the heaviest rank is within 5e-4
+      of a fresh placement's (about 0.0005 less balanced than without ``previous``); a
+      layer whose previous row is valid and no less balanced than the result is returned
+      unchanged. Never two replicas of an expert on a rank while
       another rank lacks it (with nodes: another rank of the same node, replicas never leave
       their group's node).
     - ``"deepseek"``: DeepSeek's published EPLB, output for output (ignores ``previous``).
