@@ -260,12 +260,8 @@ def _solve(
         # one takes the fresh one, its nodes renamed to overlap the previous layout most
         worse = np.nonzero(groups.rank_load.max(1) > fresh_peak_L * (1 + WARM_TOLERANCE))[0]
         if len(worse):
-            known = prev_groups[worse]
-            groups.expert[worse] = np.where(
-                (known >= 0).all((1, 2))[:, None, None],
-                _match_ranks(fresh.expert[worse], known, num_groups),
-                fresh.expert[worse],
-            )
+            # (a layer with no consistent previous layout has all -1: no overlap to keep)
+            groups.expert[worse] = _match_ranks(fresh.expert[worse], prev_groups[worse], num_groups)
     group_LMK = groups.expert  # (L, M, G/M)
     # 2. each node as a flat problem over its experts; rows are (layer, node)
     expert_LMX = (group_LMK[..., None] * group_size + np.arange(group_size)).reshape(
