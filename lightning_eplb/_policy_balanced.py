@@ -106,8 +106,17 @@ def _settle_slots(expert_BNS: np.ndarray, previous_BNS: np.ndarray, num_experts:
     return result
 
 
+def _layer_max(value_B: np.ndarray, rows_per_layer: int) -> np.ndarray:
+    """``(B,)`` each row's value replaced by the largest over its run of ``rows_per_layer`` rows."""
+    return np.repeat(value_B.reshape(-1, rows_per_layer).max(1), rows_per_layer)
+
+
 def solve_flat(
-    load_BE: np.ndarray, num_slots: int, num_ranks: int, previous_BX: np.ndarray | None
+    load_BE: np.ndarray,
+    num_slots: int,
+    num_ranks: int,
+    previous_BX: np.ndarray | None,
+    rows_per_layer: int = 1,
 ) -> np.ndarray:
     """Balanced packing of every row on its own ranks.
 
@@ -116,6 +125,10 @@ def solve_flat(
         num_slots: ``X`` slots per row, divisible by ``num_ranks``.
         num_ranks: ``N``.
         previous_BX: ``(B, X)`` previous expert of each slot (``-1``: no expert to keep) or None.
+        rows_per_layer: ``K``: consecutive runs of ``K`` rows are the nodes of one layer. With
+            a previous placement a row's warm target is then the layer's (the largest of its
+            rows'): only the heaviest rank of the layer counts for balancedness, so a light
+            node keeps its slots as long as its ranks stay below the layer's heaviest.
 
     Returns:
         ``(B, X)`` int64 expert of each slot.
@@ -133,6 +146,9 @@ def solve_flat(
     warm.home = previous_BNS
     fresh_peak_B = fresh.rank_load.max(1)
     warm_target_B = np.maximum(bound_B, fresh_peak_B) * (1 + WARM_TOLERANCE)
+    if rows_per_layer > 1:
+        warm_target_B = _layer_max(warm_target_B, rows_per_layer)
+        fresh_peak_B = _layer_max(fresh_peak_B, rows_per_layer)
     improve(warm, warm_target_B, few_moves=True)
     # rows the few-moves scoring left above the target get the balance-first swaps before
     # any falls back to the fresh packing (which changes most of its slots)
@@ -275,5 +291,5 @@ def _solve(
         np.put_along_axis(local_of, expert_LMX, np.arange(expert_LMX.shape[1])[None], 1)
         prev_rows = previous_LP.reshape(num_layers * num_nodes, slots_per_node)
         previous_local = np.take_along_axis(local_of, prev_rows, 1)
-    local = solve_flat(sub_load, slots_per_node, num_ranks // num_nodes, previous_local)
+    local = solve_flat(sub_load, slots_per_node, num_ranks // num_nodes, previous_local, num_nodes)
     return np.take_along_axis(expert_LMX, local, 1).reshape(num_layers, num_physical)

@@ -101,3 +101,18 @@ def test_hierarchical_previous_kept_only_with_groups_on_their_nodes():
     assert torch.equal(
         rebalance(load, 4, 2, num_nodes=2, num_groups=2, previous=good).physical_to_logical, good
     )
+
+
+def test_hierarchical_with_previous_leaves_a_light_node_alone():
+    # 2 nodes of 2 ranks with 2 slots, a group of 4 experts per node. Node 0 must swap one
+    # pair to reach 18/18; node 1 (ranks 7 and 3) is unbalanced but far below 18, so it
+    # keeps its slots: exactly two slots change.
+    load = torch.tensor([[12.0, 10, 8, 6, 1, 2, 3, 4]])
+    prev = torch.tensor([[0, 1, 2, 3, 7, 6, 5, 4]])
+    p = rebalance(load, 8, 4, num_nodes=2, num_groups=2, previous=prev)
+    p.validate()
+    assert p.num_changed_slots(Placement.from_physical_to_logical(prev, 8, 4)) == 2
+    assert torch.equal(p.physical_to_logical[0, 4:], prev[0, 4:])
+    assert p.rank_loads(load)[0, :2].tolist() == [18.0, 18.0]
+    # without previous the light node is balanced too
+    assert rebalance(load, 8, 4, num_nodes=2, num_groups=2).rank_loads(load)[0, 2:].tolist() == [5.0, 5.0]
