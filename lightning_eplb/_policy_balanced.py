@@ -16,7 +16,10 @@
 
 With nodes, groups are first packed onto nodes the same way (items are whole groups; a
 layer whose kept group layout is worse than a fresh one takes the fresh one), then each
-node is solved as a flat problem; rows of the batch are then (layer, node) pairs.
+node is solved as a flat problem; rows of the batch are then (layer, node) pairs. With a
+previous placement every node of a layer gets the layer's warm target (the largest of its
+nodes'): only the heaviest rank counts for balancedness, so the ranks of a light node keep
+their experts while they stay below it.
 
 Shapes: ``L`` layers, ``E`` experts, ``P`` slots, ``N`` ranks, ``S = P // N``, ``G`` groups,
 ``M`` nodes, ``B`` rows of a batch.
