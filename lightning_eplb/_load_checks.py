@@ -45,7 +45,8 @@ def install_load_checks(module: torch.nn.Module, layers: Sequence[tuple[str, Any
         if isinstance(hook, _LoadChecks):
             hook.layer_names = [name for name, _ in layers]
             return
-    module.register_load_state_dict_pre_hook(_LoadChecks([name for name, _ in layers]))
+    # the private spelling: the public register_load_state_dict_pre_hook needs torch >= 2.5
+    module._register_load_state_dict_pre_hook(_LoadChecks([name for name, _ in layers]), with_module=True)
 
 
 class _LoadChecks:
