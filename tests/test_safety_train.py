@@ -144,7 +144,10 @@ def _run(rank: int, world_size: int, tmp: str, port: int) -> None:
     # that never come: it fails at the process group's timeout (5 s here), rank 1 fails too
     dist.destroy_process_group()
     os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=5))
+    # the store gets a generous connect timeout (ranks arrive here at different times); the
+    # process group's 5 s timeout is the one under test
+    store = dist.TCPStore("127.0.0.1", port, world_size, rank == 0, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=5))
     model = _Net()
     layers = [(f"moes.{i}", m) for i, m in enumerate(model.moes)]
     old = torch.stack([m.physical_to_logical for m in model.moes])
