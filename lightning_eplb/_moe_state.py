@@ -1,5 +1,5 @@
-"""State-dict loading for :class:`~lightning_eplb.moe.ExpertParallelMoE`; re-exports the
-replica-gradient sync (:mod:`lightning_eplb._replica_sync`).
+"""State-dict loading for :class:`~lightning_eplb.moe.ExpertParallelMoE` (the replica-gradient
+sync lives in :mod:`lightning_eplb._replica_sync`).
 
 Shapes: ``E`` logical experts, ``P`` physical slots, ``S`` local slots, ``N`` EP ranks.
 """
@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from lightning_eplb._replica_sync import ReplicaIndex, sync_replica_grads_
 from lightning_eplb.placement import Placement
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -20,13 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
 #: layout of ``w1``/``w3``/``w2``: ``"logical"`` (``(E, ...)``) or ``"physical"`` (``(S, ...)``).
 EPLB_LAYOUT_KEY = "eplb_layout"
 _EXPERT_NAMES = ("w1", "w3", "w2")
-__all__ = [
-    "EPLB_LAYOUT_KEY",
-    "ReplicaIndex",
-    "load_state_dict_post_hook",
-    "load_state_dict_pre_hook",
-    "sync_replica_grads_",
-]
+__all__ = ["EPLB_LAYOUT_KEY", "load_state_dict_post_hook", "load_state_dict_pre_hook"]
 _PLACEMENT_NAMES = ("physical_to_logical", "logical_to_physical", "logical_replica_count")
 
 

@@ -155,6 +155,8 @@ class EplbCallback(Callback):
         self._num_ranks, self._num_nodes, self._num_groups, self._log_every = 1, 1, 1, 0
         self._last_step = 0
         self._expert_param_ids: set[int] = set()
+        # (id(optimizer), number of param groups) -> whether it holds expert parameters
+        self._holds_experts: dict[tuple[int, int], bool] = {}
         self._trace_writer: Any = None
         self._clip_norm: float | None = None
         self._broken: str | None = None
@@ -202,6 +204,7 @@ class EplbCallback(Callback):
         # a checkpoint of another model shape fails with a clear ValueError at weight loading
         utils.checkpoint_hook("install_load_checks")(pl_module, self.layers)
         self._expert_param_ids = {id(p) for _, layer in self.layers for p in layer.expert_tensors()}
+        self._holds_experts = {}
         shape = (len(self.layers), num_logical, num_physical, self.window_size)
         if self._window is None or self._window_shape() != shape:
             self._window = ExpertLoadWindow(*shape)
@@ -250,8 +253,11 @@ class EplbCallback(Callback):
         """Sum replica gradients (before gradient clipping, so clipping sees true norms)."""
         if not self.layers:
             return
-        params = (p for group in optimizer.param_groups for p in group["params"])
-        if any(id(p) in self._expert_param_ids for p in params):
+        key = (id(optimizer), len(optimizer.param_groups))  # add_param_group invalidates
+        if key not in self._holds_experts:  # once per optimizer, not a scan of every parameter per step
+            params = (p for group in optimizer.param_groups for p in group["params"])
+            self._holds_experts[key] = any(id(p) in self._expert_param_ids for p in params)
+        if self._holds_experts[key]:
             for _, layer in self.layers:
                 layer.sync_replica_grads()
         if self._clip_norm is not None:

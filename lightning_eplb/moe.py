@@ -27,12 +27,8 @@ from torch import Tensor, nn
 
 from lightning_eplb._dispatch import all_to_all, exchange_counts
 from lightning_eplb._grouped import BACKENDS, grouped_swiglu, resolve_backend
-from lightning_eplb._moe_state import (
-    ReplicaIndex,
-    load_state_dict_post_hook,
-    load_state_dict_pre_hook,
-    sync_replica_grads_,
-)
+from lightning_eplb._moe_state import load_state_dict_post_hook, load_state_dict_pre_hook
+from lightning_eplb._replica_sync import ReplicaIndex, sync_replica_grads_
 from lightning_eplb._routing import check_routing_args, route
 from lightning_eplb.dense import init_logical_experts
 from lightning_eplb.placement import Placement
@@ -149,9 +145,7 @@ class ExpertParallelMoE(nn.Module):
 
         self._ep_group: dist.ProcessGroup | None = None
         self._ep_size, self._ep_rank, self._is_setup = 1, 0, False
-        self._replicas = ReplicaIndex.build(
-            p2l_P, start.logical_replica_count[0], 0, self.num_physical_experts
-        )
+        self._refresh_replica_index()
         self._register_load_state_dict_pre_hook(load_state_dict_pre_hook, with_module=True)
         self.register_load_state_dict_post_hook(load_state_dict_post_hook)
         if dist.is_available() and dist.is_initialized():
@@ -240,12 +234,7 @@ class ExpertParallelMoE(nn.Module):
                 raise ValueError(f"{name} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
         for src, dst in zip(new, old, strict=True):
             dst.copy_(src)
-        self._replicas = ReplicaIndex.build(
-            physical_to_logical.detach().cpu(),
-            logical_replica_count.detach().cpu(),
-            self._ep_rank,
-            self.num_local_experts,
-        )
+        self._refresh_replica_index()
 
     def sync_replica_grads(self) -> None:
         """Sum each expert's gradient over its replicas, write the sum to every replica
@@ -266,6 +255,7 @@ class ExpertParallelMoE(nn.Module):
 
     # ------------------------------------------------------------------ helpers
     def _refresh_replica_index(self) -> None:
+        """Rebuild the replica-sync plan from the placement buffers (on CPU, once per placement)."""
         self._replicas = ReplicaIndex.build(
             self.physical_to_logical.detach().cpu(),
             self.logical_replica_count.detach().cpu(),
