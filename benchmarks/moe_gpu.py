@@ -54,6 +54,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--backends", default="auto,bmm", help="expert backends for the slot-cost table")
     parser.add_argument("--sections", default="1,2,3,4", help="which sections to run, e.g. 1,4")
+    parser.add_argument(
+        "--profile", action="store_true", help="section 4: torch.profiler kernel table for P = E and the +25%% slots"
+    )
     args = parser.parse_args()
     if args.small:
         args.hidden, args.ffn, args.experts, args.top_k, args.tokens = 64, 96, 8, 2, 256
@@ -206,6 +209,35 @@ def sync_counts(device: torch.device, dtype: torch.dtype) -> dict[str, int | Non
 
 
 # ---------------------------------------------------------------------------- 3./4. timing
+def profile_table(layer: ExpertParallelMoE, device: torch.device, dtype: torch.dtype, rows: int = 25) -> str:
+    """Rank 0's kernels (self device time per step) over a few forward+backward+sync steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator().manual_seed(3 + dist.get_rank())
+    x = torch.randn(ARGS.tokens, ARGS.hidden, generator=gen).to(device, dtype).requires_grad_()
+    gy = torch.randn(ARGS.tokens, ARGS.hidden, generator=gen).to(device, dtype)
+    layer.train()
+
+    def one() -> None:
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        layer(x).backward(gy)
+        layer.sync_replica_grads()
+        layer.reset_expert_load()
+
+    for _ in range(3):
+        one()
+    sync(device)
+    steps = 5
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            one()
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
+
+
 def step_time(
     layer: ExpertParallelMoE, device: torch.device, dtype: torch.dtype, with_sync: bool = True
 ) -> float:
@@ -300,6 +332,15 @@ def main() -> None:
         "| backend | " + " | ".join(f"P={ARGS.experts + r} ms" for r in extras) + " | +25% | +50% |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
+    if ARGS.profile:
+        for redundant in extras[:2]:
+            layer = make_layer(device, low, redundant, "auto")
+            even = even_placement(ARGS.experts, ARGS.experts + redundant, n)
+            layer.set_placement(
+                even.physical_to_logical[0], even.logical_to_physical[0], even.logical_replica_count[0]
+            )
+            table = profile_table(layer, device, low)
+            emit(["", f"### profile, P={ARGS.experts + redundant}, rank 0, 5 steps", table])
     # rows: the step as the callback runs it; without the replica-gradient sync; with the sync
     # forced to one all-reduce of every replicated expert (the former path)
     variants = (("", True, None), (", no sync", False, None), (", all-reduce sync", True, 1))

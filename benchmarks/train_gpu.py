@@ -338,6 +338,8 @@ def main() -> None:
             gbps = stats["bytes_received_max"] / max(move_s, 1e-9) / 1e9
             print(
                 f"rearrangement: {total_s * 1e3:.1f} ms in all (slowest rank; migration {move_s * 1e3:.1f} ms), "
+                f"predicted balancedness {stats['balancedness_before']:.3f} -> {stats['balancedness_after']:.3f} "
+                f"(window measured {stats['balancedness_measured']:.3f}), "
                 f"{stats['slots_changed']:.0f} slots changed, {stats['bytes_sent'] / 1e9:.3f} GB sent over all ranks, "
                 f"busiest rank received {stats['bytes_received_max'] / 1e9:.3f} GB at {gbps:.1f} GB/s; "
                 f"NCCL p2p {p2p:.1f} GB/s at 256 MB, {p2p_big:.1f} GB/s at 1 GiB; amortised over "

@@ -32,14 +32,66 @@ from torch import Tensor
 
 
 @dataclass(frozen=True)
+class _Rows:
+    """Row indices on a device, plus ``start`` when they are ``start, start + 1, ...``: a
+    contiguous run is then a slice (no copy for sends, fast copies elsewhere)."""
+
+    index: Tensor
+    start: int | None
+
+    @classmethod
+    def of(cls, rows: Tensor, device: torch.device) -> _Rows:
+        values = rows.tolist()
+        run = bool(values) and values == list(range(values[0], values[0] + len(values)))
+        return cls(rows.to(device, non_blocking=True), values[0] if run else None)
+
+    def __len__(self) -> int:
+        return int(self.index.numel())
+
+    def take(self, src: Tensor) -> Tensor:
+        """``src[rows]``: a view for a run, else a gathered copy."""
+        if self.start is not None:
+            return src[self.start : self.start + len(self)]
+        return _wide(src).index_select(0, self.index).view(src.dtype)
+
+    def put(self, dst: Tensor, values: Tensor) -> None:
+        """``dst[rows] = values``."""
+        if self.start is not None:
+            dst[self.start : self.start + len(self)].copy_(values)
+        else:
+            _wide(dst).index_copy_(0, self.index, _wide(values))
+
+    def add(self, dst: Tensor, values: Tensor) -> None:
+        """``dst[rows] += values`` (rows are unique: one rounding per element, as ``a + b``)."""
+        if self.start is not None:
+            dst[self.start : self.start + len(self)].add_(values)
+        else:
+            dst.index_add_(0, self.index, values)
+
+
+def _wide(t: Tensor) -> Tensor:
+    """``(rows, D)`` contiguous, viewed with the widest integer type its rows allow: row
+    copies by index then move 8 bytes per element instead of 2 (bf16)."""
+    row_bytes = t.shape[1] * t.element_size()
+    for dtype in (torch.int64, torch.int32):
+        size = dtype.itemsize
+        if size > t.element_size() and row_bytes % size == 0 and t.is_contiguous():
+            return t.view(dtype)
+    return t
+
+
+@dataclass(frozen=True)
 class _DeviceIndex:
-    local_slots: Tensor  # (Q,)
-    local_rows: Tensor  # (Q,) row in the (K, D) local sums
-    first_src: Tensor  # (K,) row of Z holding the lowest holder's local sum
-    adds: tuple[tuple[Tensor, Tensor], ...]  # per later holder position: (dst rows in K, src rows in Z)
-    send_rows: Tensor  # (sum of k_q,) rows of the local sums sent, peer after peer
-    ar_rows: Tensor  # (K_ar,) rows in K of the experts synced by all-reduce
-    ar_pos: Tensor  # (K_ar,) their rows in the (X, D) all-reduce buffer
+    local_slots: _Rows  # (Q,)
+    local_rows: _Rows  # (Q,) row in the (K, D) local sums
+    slot_of_k: _Rows  # (K,) local slot of each row of K (when every expert has one local slot)
+    send: tuple[_Rows, ...]  # per peer: rows of K sent
+    adds: tuple[tuple[_Rows, _Rows], ...]  # rounds: (dst rows of K, src rows of the received buffer)
+    pre_rows: _Rows  # (B,) rows of K whose own holder position is >= 2
+    pre_first: _Rows  # (B,) received row of their lowest holder
+    pre_adds: tuple[tuple[_Rows, _Rows], ...]  # rounds: (rows of the (B, D) prefix, received rows)
+    ar_rows: _Rows  # (K_ar,) rows in K of the experts synced by all-reduce
+    ar_pos: _Rows  # (K_ar,) their rows in the (X, D) all-reduce buffer
 
 
 @dataclass
@@ -51,16 +103,19 @@ class ReplicaIndex:
 
     Attributes:
         local_slots: ``(Q,)`` int64 local slots holding a replicated expert.
-        local_rows: ``(Q,)`` int64 row of each in the ``(K, D)`` local sums (this rank's
-            replicated experts in increasing logical id).
+        local_rows: ``(Q,)`` int64 row of each in the ``(K, D)`` local sums ``L`` (this
+            rank's replicated experts in increasing logical id).
         num_local: ``K``.
-        peers: ``(peer rank in the EP group, rows of the local sums exchanged with it)``
-            in increasing rank; the peer sends the same experts in the same order.
-        first_src: ``(K,)`` row of ``Z = [local sums; received rows]`` holding each expert's
-            lowest-ranked holder's local sum.
-        adds: per further holder position ``j >= 1``: ``(dst (k_j,) rows of K, src (k_j,)
-            rows of Z)``, added in this order.
-        ar_rows: ``(K_ar,)`` rows of K synced by all-reduce; ``ar_pos``: ``(K_ar,)`` their
+        peers: ``(peer rank in the EP group, rows of L exchanged with it)`` in increasing
+            rank; the peer sends the same experts in the same order.
+        num_recv: rows received from all peers (the received buffer, peer after peer).
+        adds: rounds ``(dst rows of L, src rows of the received buffer)``, applied in order
+            as ``L[dst] += received[src]``: first the other of an expert's two lowest-ranked
+            holders, then the holders after them in rank order.
+        pre_rows, pre_first, pre_adds: for experts of which this rank is the third or later
+            holder: their rows of L, the received row of the lowest holder, and rounds
+            ``(rows of the prefix, received rows)`` summing the holders before this one.
+        ar_rows: ``(K_ar,)`` rows of L synced by all-reduce; ``ar_pos``: ``(K_ar,)`` their
             rows in the all-reduce buffer.
         num_replicated: experts with more than one replica (identical on every rank).
         num_all_reduce: ``X`` experts synced by all-reduce (identical on every rank).
@@ -82,8 +137,11 @@ class ReplicaIndex:
     local_rows: Tensor
     num_local: int
     peers: list[tuple[int, Tensor]]
-    first_src: Tensor
+    num_recv: int
     adds: list[tuple[Tensor, Tensor]]
+    pre_rows: Tensor
+    pre_first: Tensor
+    pre_adds: list[tuple[Tensor, Tensor]]
     ar_rows: Tensor
     ar_pos: Tensor
     num_replicated: int
@@ -112,7 +170,8 @@ class ReplicaIndex:
             max_p2p_holders: experts held by at most this many ranks go point-to-point, the
                 others through one all-reduce (1: all-reduce only; ``N``: point-to-point
                 only). None picks the value with the fewest elements sent by the busiest
-                rank (ties: the smaller value).
+                rank (ties: the larger value: point-to-point
+                needs no zero-filled buffer and sums in place).
 
         Returns:
             the index.
@@ -136,7 +195,7 @@ class ReplicaIndex:
             return max(per_rank, default=0) + ring * sum(len(holders[e]) > t for e in replicated)
 
         if max_p2p_holders is None:
-            max_p2p_holders = min(range(1, num_ranks + 1), key=lambda t: (cost(t), t))
+            max_p2p_holders = min(range(1, num_ranks + 1), key=lambda t: (cost(t), -t))
         elif max_p2p_holders < 1:
             raise ValueError(f"max_p2p_holders ({max_p2p_holders}) must be >= 1")
         t = max_p2p_holders
@@ -150,41 +209,60 @@ class ReplicaIndex:
         ]
         p2p = [e for e in mine if 1 < len(holders[e]) <= t]
         peers: list[tuple[int, list[int]]] = []
-        offset: dict[int, int] = {}  # peer -> first row of its block in Z
-        position: dict[tuple[int, int], int] = {}  # (peer, expert) -> row in Z
-        num_rows = len(mine)
+        position: dict[tuple[int, int], int] = {}  # (peer, expert) -> row of the received buffer
+        num_recv = 0
         for q in range(num_ranks):
             shared = [e for e in p2p if q != rank and q in holders[e]]
             if shared:
-                offset[q] = num_rows
                 for i, e in enumerate(shared):
-                    position[q, e] = num_rows + i
-                num_rows += len(shared)
+                    position[q, e] = num_recv + i
+                num_recv += len(shared)
                 peers.append((q, [krow[e] for e in shared]))
-        first_src = []
-        adds: list[tuple[list[int], list[int]]] = []
-        for e in mine:
-            hs = holders[e] if e in p2p else [rank]
-            rows = [krow[e] if r == rank else position[r, e] for r in hs]
-            first_src.append(rows[0])
-            for j, row in enumerate(rows[1:]):
-                if j == len(adds):
-                    adds.append(([], []))
-                adds[j][0].append(krow[e])
-                adds[j][1].append(row)
+        # Canonical sum ((h0 + h1) + h2) + ... over the holders in rank order, computed in
+        # place on the local sums L: exact because a + b == b + a in floating point. An
+        # expert whose own position o is 0 or 1 adds the other of the first two holders to L;
+        # one with o >= 2 first sums h0..h(o-1) in a temporary ("pre"), then L += pre; then
+        # every expert adds the holders after max(o, 1), one position per round.
+        first_add: tuple[list[int], list[int]] = ([], [])
+        pre_rows: list[int] = []
+        pre_terms: list[list[int]] = []
+        later: list[tuple[list[int], list[int]]] = []
+        for e in p2p:
+            hs = holders[e]
+            o = hs.index(rank)
+            src = {j: position[r, e] for j, r in enumerate(hs) if r != rank}
+            if o <= 1:
+                first_add[0].append(krow[e])
+                first_add[1].append(src[1 - o])
+            else:
+                pre_rows.append(krow[e])
+                pre_terms.append([src[j] for j in range(o)])
+            for j in range(max(o, 1) + 1, len(hs)):
+                while len(later) <= j - 2:
+                    later.append(([], []))
+                later[j - 2][0].append(krow[e])
+                later[j - 2][1].append(src[j])
+        pre_rounds = []
+        for j in range(1, max((len(terms) for terms in pre_terms), default=0)):
+            which = [b for b, terms in enumerate(pre_terms) if len(terms) > j]
+            pre_rounds.append((which, [pre_terms[b][j] for b in which]))
         mine_ar = [e for e in mine if e in ar_index]
         sent = sum(len(rows) for _, rows in peers) + ring * len(all_reduced)
 
         def i64(values: list[int]) -> Tensor:
             return torch.tensor(values, dtype=torch.int64)
 
+        pairs = [first_add, *later]
         return cls(
             local_slots=i64([s for s, _ in local]),
             local_rows=i64([k for _, k in local]),
             num_local=len(mine),
             peers=[(q, i64(rows)) for q, rows in peers],
-            first_src=i64(first_src),
-            adds=[(i64(d), i64(s)) for d, s in adds],
+            num_recv=num_recv,
+            adds=[(i64(d), i64(s)) for d, s in pairs if d],
+            pre_rows=i64(pre_rows),
+            pre_first=i64([terms[0] for terms in pre_terms]),
+            pre_adds=[(i64(b), i64(z)) for b, z in pre_rounds],
             ar_rows=i64([krow[e] for e in mine_ar]),
             ar_pos=i64([ar_index[e] for e in mine_ar]),
             num_replicated=len(replicated),
@@ -194,28 +272,137 @@ class ReplicaIndex:
             all_reduce_rows=ring * len(replicated) if num_ranks > 1 else 0.0,
         )
 
+    @property
+    def one_slot_each(self) -> bool:
+        """Every replicated expert of this rank sits in exactly one local slot (the usual case)."""
+        return len(self.local_slots) == self.num_local
+
     def on(self, device: torch.device) -> _DeviceIndex:
         """The index tensors on ``device``, copied once per placement."""
         if device not in self._on_device:
-
-            def to(t: Tensor) -> Tensor:
-                # non_blocking: a host-to-device copy from pageable memory without a stream sync
-                return t.to(device, non_blocking=True)
-
-            send = [rows for _, rows in self.peers]
+            slot_of_k = torch.empty(self.num_local, dtype=torch.int64)
+            if self.one_slot_each:
+                slot_of_k[self.local_rows] = self.local_slots
             self._on_device[device] = _DeviceIndex(
-                local_slots=to(self.local_slots),
-                local_rows=to(self.local_rows),
-                first_src=to(self.first_src),
-                adds=tuple((to(d), to(s)) for d, s in self.adds),
-                send_rows=to(torch.cat(send) if send else torch.zeros(0, dtype=torch.int64)),
-                ar_rows=to(self.ar_rows),
-                ar_pos=to(self.ar_pos),
+                local_slots=_Rows.of(self.local_slots, device),
+                local_rows=_Rows.of(self.local_rows, device),
+                slot_of_k=_Rows.of(slot_of_k, device),
+                send=tuple(_Rows.of(rows, device) for _, rows in self.peers),
+                adds=tuple((_Rows.of(d, device), _Rows.of(s, device)) for d, s in self.adds),
+                pre_rows=_Rows.of(self.pre_rows, device),
+                pre_first=_Rows.of(self.pre_first, device),
+                pre_adds=tuple((_Rows.of(b, device), _Rows.of(z, device)) for b, z in self.pre_adds),
+                ar_rows=_Rows.of(self.ar_rows, device),
+                ar_pos=_Rows.of(self.ar_pos, device),
             )
         return self._on_device[device]
 
 
+class PendingSync:
+    """A replica-gradient sync whose communication is in flight (see :func:`start_sync`)."""
+
+    def __init__(
+        self, grads: list[Tensor], local: list[Tensor], recv: list[Tensor], ar_bufs: list[Tensor], works: list
+    ) -> None:
+        self.grads, self.local, self.recv, self.ar_bufs, self.works = grads, local, recv, ar_bufs, works
+
+
+def _grads(params: list[torch.nn.Parameter]) -> list[Tensor]:
+    grads = []
+    for p in params:
+        if p.grad is None or not p.grad.is_contiguous():
+            p.grad = torch.zeros_like(p) if p.grad is None else p.grad.contiguous()
+        grads.append(p.grad)
+    return grads
+
+
 @torch.no_grad()
+def start_sync(
+    params: list[torch.nn.Parameter], index: ReplicaIndex, group: dist.ProcessGroup | None
+) -> PendingSync:
+    """Gather this rank's local sums and start their exchange; returns without waiting.
+
+    Every rank of the group calls it, in the same order relative to its other collectives on
+    ``group``. Until :func:`finish_sync` the gradients must not be changed.
+
+    Args:
+        params: per-slot parameters, each ``(S, ...)``; missing grads become zeros.
+        index: the current :class:`ReplicaIndex`.
+        group: the group of the exchange (None: the default group).
+    """
+    grads = _grads(params)
+    local: list[Tensor] = []
+    recv: list[Tensor] = []
+    ar_bufs: list[Tensor] = []
+    works: list = []
+    if not (index.num_local or index.num_all_reduce):
+        return PendingSync(grads, local, recv, ar_bufs, works)
+    dev = index.on(grads[0].device)
+    ops = []
+    for g in grads:
+        flat_SD = g.view(g.shape[0], -1)
+        if index.one_slot_each:
+            # a view of the gradient when the slots are a run: then summed in place, no copy
+            local_KD = dev.slot_of_k.take(flat_SD)
+        else:
+            local_KD = flat_SD.new_zeros(index.num_local, flat_SD.shape[1])
+            local_KD.index_add_(0, dev.local_rows.index, dev.local_slots.take(flat_SD))
+        local.append(local_KD)
+        recv_VD = flat_SD.new_empty(index.num_recv, flat_SD.shape[1])
+        recv.append(recv_VD)
+        start = 0
+        for (q, _), rows in zip(index.peers, dev.send, strict=True):
+            # P2POp takes the peer's global rank (group_peer= needs torch >= 2.6)
+            peer = dist.get_global_rank(group, q) if group is not None else q
+            ops.append(dist.P2POp(dist.isend, rows.take(local_KD).contiguous(), peer, group))
+            ops.append(dist.P2POp(dist.irecv, recv_VD[start : start + len(rows)], peer, group))
+            start += len(rows)
+    if ops:
+        works.extend(dist.batch_isend_irecv(ops))
+    if index.num_all_reduce:
+        for local_KD in local:
+            buf_XD = local_KD.new_zeros(index.num_all_reduce, local_KD.shape[1])
+            dev.ar_pos.put(buf_XD, dev.ar_rows.take(local_KD))
+            ar_bufs.append(buf_XD)
+            works.append(dist.all_reduce(buf_XD, group=group, async_op=True))
+    return PendingSync(grads, local, recv, ar_bufs, works)
+
+
+@torch.no_grad()
+def finish_sync(pending: PendingSync, index: ReplicaIndex, num_ranks: int) -> None:
+    """Wait for the exchange, sum in canonical holder order, write every replica back and
+    divide every expert gradient by ``num_ranks``.
+
+    Args:
+        pending: from :func:`start_sync`.
+        index: the same :class:`ReplicaIndex`.
+        num_ranks: ``N``.
+    """
+    for work in pending.works:
+        work.wait()
+    if pending.local:
+        dev = index.on(pending.grads[0].device)
+        for i, (g, local_KD) in enumerate(zip(pending.grads, pending.local, strict=True)):
+            recv_VD = pending.recv[i]
+            if len(dev.pre_rows):
+                pre_BD = dev.pre_first.take(recv_VD).clone()
+                for rows, src in dev.pre_adds:
+                    rows.add(pre_BD, src.take(recv_VD))
+                dev.pre_rows.add(local_KD, pre_BD)
+            for dst, src in dev.adds:  # round after round, the same order on every holder
+                dst.add(local_KD, src.take(recv_VD))
+            if pending.ar_bufs:
+                dev.ar_rows.put(local_KD, dev.ar_pos.take(pending.ar_bufs[i]))
+            flat_SD = g.view(g.shape[0], -1)
+            if index.one_slot_each:
+                if dev.slot_of_k.start is None:  # else local_KD is a view of the gradient
+                    dev.slot_of_k.put(flat_SD, local_KD)
+            else:
+                dev.local_slots.put(flat_SD, dev.local_rows.take(local_KD))
+    if num_ranks > 1:
+        torch._foreach_div_(pending.grads, float(num_ranks))
+
+
 def sync_replica_grads_(
     params: list[torch.nn.Parameter], index: ReplicaIndex, num_ranks: int, group: dist.ProcessGroup | None
 ) -> None:
@@ -230,43 +417,4 @@ def sync_replica_grads_(
         num_ranks: ``N``.
         group: the EP group (None: the default group).
     """
-    grads = []
-    for p in params:
-        if p.grad is None or not p.grad.is_contiguous():
-            p.grad = torch.zeros_like(p) if p.grad is None else p.grad.contiguous()
-        grads.append(p.grad)
-    if index.num_local or index.num_all_reduce:
-        dev = index.on(grads[0].device)
-        flats = [g.view(g.shape[0], -1) for g in grads]
-        sizes = [f.shape[1] for f in flats]
-        packed_QD = torch.cat([f.index_select(0, dev.local_slots) for f in flats], dim=1)
-        num_recv = sum(len(rows) for _, rows in index.peers)
-        z_VD = packed_QD.new_empty(index.num_local + num_recv, packed_QD.shape[1])
-        local_KD = z_VD[: index.num_local].zero_().index_add_(0, dev.local_rows, packed_QD)
-        if index.peers:
-            send_VD = local_KD.index_select(0, dev.send_rows)
-            ops, start = [], 0
-            for q, rows in index.peers:
-                end = start + len(rows)
-                # P2POp takes the peer's global rank (group_peer= needs torch >= 2.6)
-                peer = dist.get_global_rank(group, q) if group is not None else q
-                ops.append(dist.P2POp(dist.isend, send_VD[start:end], peer, group))
-                recv = z_VD[index.num_local + start : index.num_local + end]
-                ops.append(dist.P2POp(dist.irecv, recv, peer, group))
-                start = end
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
-        total_KD = z_VD.index_select(0, dev.first_src)
-        for dst, src in dev.adds:  # holder after holder, the same order on every holder
-            total_KD.index_add_(0, dst, z_VD.index_select(0, src))
-        if index.num_all_reduce:
-            buf_XD = packed_QD.new_zeros(index.num_all_reduce, packed_QD.shape[1])
-            buf_XD.index_copy_(0, dev.ar_pos, local_KD.index_select(0, dev.ar_rows))
-            dist.all_reduce(buf_XD, group=group)
-            total_KD.index_copy_(0, dev.ar_rows, buf_XD.index_select(0, dev.ar_pos))
-        summed_QD = total_KD.index_select(0, dev.local_rows)
-        for f, part in zip(flats, summed_QD.split(sizes, dim=1), strict=True):
-            f.index_copy_(0, dev.local_slots, part)
-    if num_ranks > 1:
-        for g in grads:
-            g.div_(num_ranks)
+    finish_sync(start_sync(params, index, group), index, num_ranks)

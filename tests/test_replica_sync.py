@@ -87,7 +87,7 @@ def _run_sync(rank: int, n: int) -> None:
     for case, (name, p2l, num_logical) in enumerate(_cases(n)):
         counts = _counts(p2l, num_logical)
         slots = len(p2l) // n
-        for dtype in (torch.float64, torch.float32):
+        for dtype in (torch.float64, torch.float32, torch.bfloat16):
             gen = torch.Generator().manual_seed(1000 * case + rank)
             before = [
                 torch.randn(slots, *shape, generator=gen, dtype=torch.float64).to(dtype) for shape in SHAPES
@@ -107,7 +107,7 @@ def _run_sync(rank: int, n: int) -> None:
                 assert len(synced) == 3 and all(g.is_contiguous() for g in synced)
                 after = _flat(synced)
                 full_after = _gather(after)
-                tol = 1e-12 if dtype == torch.float64 else 1e-5
+                tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 5e-2}[dtype]
                 torch.testing.assert_close(full_after.double(), want, atol=tol, rtol=tol, msg=where)
                 if old is not None:
                     torch.testing.assert_close(after, old, atol=1e-12, rtol=0, msg=where)
