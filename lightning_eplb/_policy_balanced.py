@@ -30,17 +30,23 @@ from __future__ import annotations
 import numpy as np
 
 from lightning_eplb._packing import PackState, improve, kk_pack, repair, replica_counts, replicas, warm_pack
+from lightning_eplb._warm import cycle_cover, drain, sticky_counts
 
 __all__ = ["balanced_placement"]
 
 #: Stop improving a fresh packing once the heaviest rank is within this of the lower bound.
 SCRATCH_TOLERANCE = 1e-5
-#: From a previous placement, accept a heaviest rank this close to the lower bound (and to a
-#: fresh packing) rather than moving more experts.
-WARM_TOLERANCE = 5e-4
-#: A flat layer whose warm result stays more than this above a fresh packing's heaviest rank
-#: takes the fresh packing (which changes most of its slots).
-FALLBACK_TOLERANCE = 1.5e-3
+#: From a previous placement, accept a heaviest rank up to this far above a fresh packing's
+#: (or the lower bound) rather than moving more experts: at most ``WARM_TOLERANCE``, at
+#: least ``MIN_WARM_TOLERANCE``, otherwise the fresh packing's own gap to the lower bound.
+WARM_TOLERANCE = 1.5e-3
+MIN_WARM_TOLERANCE = 5e-4
+#: Passes of :func:`~lightning_eplb._warm.cycle_cover` (the second fixes most of what the
+#: first left over, for few slots).
+COVER_PASSES = 2
+#: A flat row whose warm result stays more than this above its warm target is retried with
+#: water-filling counts, then takes the fresh packing (which changes most of its slots).
+FALLBACK_TOLERANCE = 1e-3
 
 
 def _lower_bound(load_BE: np.ndarray, count_BE: np.ndarray, num_ranks: int) -> np.ndarray:
@@ -109,6 +115,23 @@ def _settle_slots(expert_BNS: np.ndarray, previous_BNS: np.ndarray, num_experts:
     return result
 
 
+def _warm(
+    previous_BNS: np.ndarray, load_BE: np.ndarray, count_BE: np.ndarray, target_B: np.ndarray
+) -> PackState:
+    """Packing from a previous one with few changed slots, each row at or near its target."""
+    warm = warm_pack(previous_BNS, load_BE, count_BE)
+    repair(warm)
+    warm.home = previous_BNS
+    for _ in range(COVER_PASSES):
+        cycle_cover(warm, target_B)
+    repair(warm)
+    drain(warm, target_B)
+    improve(warm, target_B, few_moves=True)
+    # rows the few-moves scoring left above the target get the balance-first swaps
+    improve(warm, target_B)
+    return warm
+
+
 def _layer_max(value_B: np.ndarray, rows_per_layer: int) -> np.ndarray:
     """``(B,)`` each row's value replaced by the largest over its run of ``rows_per_layer`` rows."""
     return np.repeat(value_B.reshape(-1, rows_per_layer).max(1), rows_per_layer)
@@ -144,19 +167,24 @@ def solve_flat(
     if previous_BX is None:
         return fresh.expert.reshape(num_rows, num_slots)
     previous_BNS = previous_BX.reshape(num_rows, num_ranks, per_rank)
-    warm = warm_pack(previous_BNS, load_BE, count_BE)
-    repair(warm)
-    warm.home = previous_BNS
     fresh_peak_B = fresh.rank_load.max(1)
-    warm_target_B = np.maximum(bound_B, fresh_peak_B) * (1 + WARM_TOLERANCE)
+    # spend more of the balance budget where a fresh packing is itself far from the bound
+    # (there movement is expensive); where it is at the bound, stay close to it
+    gap_B = fresh_peak_B / np.where(bound_B > 0, bound_B, 1.0) - 1
+    tolerance_B = np.clip(gap_B, MIN_WARM_TOLERANCE, WARM_TOLERANCE)
+    warm_target_B = np.maximum(bound_B, fresh_peak_B) * (1 + tolerance_B)
     if rows_per_layer > 1:
         warm_target_B = _layer_max(warm_target_B, rows_per_layer)
-        fresh_peak_B = _layer_max(fresh_peak_B, rows_per_layer)
-    improve(warm, warm_target_B, few_moves=True)
-    # rows the few-moves scoring left above the target get the balance-first swaps before
-    # any falls back to the fresh packing (which changes most of its slots)
-    improve(warm, warm_target_B)
-    worse = np.nonzero(warm.rank_load.max(1) > fresh_peak_B * (1 + FALLBACK_TOLERANCE))[0]
+    warm = _warm(previous_BNS, load_BE, sticky_counts(previous_BNS, load_BE, count_BE), warm_target_B)
+    limit_B = warm_target_B * (1 + FALLBACK_TOLERANCE)
+    worse = np.nonzero(warm.rank_load.max(1) > limit_B)[0]
+    if len(worse):
+        # retry with water-filling counts before falling back to the fresh packing
+        retry = _warm(previous_BNS[worse], load_BE[worse], count_BE[worse], warm_target_B[worse])
+        better = retry.rank_load.max(1) < warm.rank_load[worse].max(1)
+        warm.expert[worse[better]] = retry.expert[better]
+        warm.rank_load[worse[better]] = retry.rank_load[better]
+        worse = np.nonzero(warm.rank_load.max(1) > limit_B)[0]
     out_BNS = warm.expert
     if len(worse):
         out_BNS[worse] = _match_ranks(fresh.expert[worse], previous_BNS[worse], num_experts)
@@ -274,10 +302,10 @@ def _solve(
         groups = warm_pack(prev_groups, group_load_LG, ones_LG)
         fresh = _fresh(group_load_LG, ones_LG, num_nodes, node_bound_L * (1 + SCRATCH_TOLERANCE))
         fresh_peak_L = fresh.rank_load.max(1)
-        improve(groups, np.maximum(node_bound_L, fresh_peak_L) * (1 + WARM_TOLERANCE))
+        improve(groups, np.maximum(node_bound_L, fresh_peak_L) * (1 + MIN_WARM_TOLERANCE))
         # as in solve_flat: a layer whose kept group layout stays clearly worse than a fresh
         # one takes the fresh one, its nodes renamed to overlap the previous layout most
-        worse = np.nonzero(groups.rank_load.max(1) > fresh_peak_L * (1 + WARM_TOLERANCE))[0]
+        worse = np.nonzero(groups.rank_load.max(1) > fresh_peak_L * (1 + MIN_WARM_TOLERANCE))[0]
         if len(worse):
             # (a layer with no consistent previous layout has all -1: no overlap to keep)
             groups.expert[worse] = _match_ranks(fresh.expert[worse], prev_groups[worse], num_groups)
