@@ -116,20 +116,44 @@ def _settle_slots(expert_BNS: np.ndarray, previous_BNS: np.ndarray, num_experts:
 
 
 def _warm(
-    previous_BNS: np.ndarray, load_BE: np.ndarray, count_BE: np.ndarray, target_B: np.ndarray
+    previous_BNS: np.ndarray,
+    load_BE: np.ndarray,
+    count_BE: np.ndarray,
+    target_B: np.ndarray,
+    cycles: bool = True,
 ) -> PackState:
-    """Packing from a previous one with few changed slots, each row at or near its target."""
+    """Packing from a previous one with few changed slots, each row at or near its target.
+
+    With ``cycles`` the overloaded ranks are first fixed along cycles and strict swaps
+    (:mod:`~lightning_eplb._warm`), then by swaps from the heaviest rank; without, by
+    those swaps alone.
+    """
     warm = warm_pack(previous_BNS, load_BE, count_BE)
     repair(warm)
     warm.home = previous_BNS
-    for _ in range(COVER_PASSES):
-        cycle_cover(warm, target_B)
-    repair(warm)
-    drain(warm, target_B)
+    if cycles:
+        for _ in range(COVER_PASSES):
+            cycle_cover(warm, target_B)
+        repair(warm)
+        drain(warm, target_B)
     improve(warm, target_B, few_moves=True)
     # rows the few-moves scoring left above the target get the balance-first swaps
     improve(warm, target_B)
     return warm
+
+
+def _row_peak(load_BE: np.ndarray, expert_BNS: np.ndarray) -> np.ndarray:
+    """``(B,)`` heaviest rank of a flat packing, replicas sharing their expert's load."""
+    num_rows, num_experts = load_BE.shape
+    count_BE = np.zeros((num_rows, num_experts), dtype=np.int64)
+    np.add.at(count_BE, (np.arange(num_rows)[:, None, None], expert_BNS), 1)
+    per_replica_BE = load_BE / np.maximum(count_BE, 1)
+    return (
+        np.take_along_axis(per_replica_BE, expert_BNS.reshape(num_rows, -1), 1)
+        .reshape(expert_BNS.shape)
+        .sum(-1)
+        .max(1)
+    )
 
 
 def _layer_max(value_B: np.ndarray, rows_per_layer: int) -> np.ndarray:
@@ -179,12 +203,25 @@ def solve_flat(
     limit_B = warm_target_B * (1 + FALLBACK_TOLERANCE)
     worse = np.nonzero(warm.rank_load.max(1) > limit_B)[0]
     if len(worse):
-        # retry with water-filling counts before falling back to the fresh packing
-        retry = _warm(previous_BNS[worse], load_BE[worse], count_BE[worse], warm_target_B[worse])
-        better = retry.rank_load.max(1) < warm.rank_load[worse].max(1)
-        warm.expert[worse[better]] = retry.expert[better]
-        warm.rank_load[worse[better]] = retry.rank_load[better]
-        worse = np.nonzero(warm.rank_load.max(1) > limit_B)[0]
+        # a cover can leave a few rows stuck where another start would not: retry them with
+        # water-filling counts, with and without cycles, and keep per row the result within
+        # the limit that changes fewest slots (else the lowest peak)
+        sub_prev, sub_load, sub_target = previous_BNS[worse], load_BE[worse], warm_target_B[worse]
+        tries = [
+            warm.expert[worse],
+            _warm(sub_prev, sub_load, count_BE[worse], sub_target).expert,
+            _warm(sub_prev, sub_load, count_BE[worse], sub_target, cycles=False).expert,
+        ]
+        peaks = np.stack([_row_peak(sub_load, t) for t in tries])
+        moved = np.stack([(t != sub_prev).sum((1, 2)) for t in tries])
+        rank_key = np.where(
+            peaks <= limit_B[worse], moved, num_slots + peaks / np.maximum(peaks.max(0), 1e-300)
+        )
+        pick = rank_key.argmin(0)
+        warm.expert[worse] = np.stack(tries)[pick, np.arange(len(worse))]
+        peak_B = warm.rank_load.max(1)
+        peak_B[worse] = peaks[pick, np.arange(len(worse))]
+        worse = np.nonzero(peak_B > limit_B)[0]
     out_BNS = warm.expert
     if len(worse):
         out_BNS[worse] = _match_ranks(fresh.expert[worse], previous_BNS[worse], num_experts)
