@@ -1,16 +1,22 @@
 """The balanced placement policy: near-optimal balance, fast, and movement-aware.
 
-1. Replica counts by water-filling (:func:`~lightning_eplb._packing.replica_counts`).
+1. Replica counts by water-filling (:func:`~lightning_eplb._packing.replica_counts`); with a
+   previous placement the previous counts, changed only where a replica would get much
+   heavier than with water-filling (:func:`~lightning_eplb._warm.sticky_counts`).
 2. From scratch: balanced differencing (:func:`~lightning_eplb._packing.kk_pack`); with a
    previous placement: keep every replica that still exists in its slot and place only the
    new ones (:func:`~lightning_eplb._packing.warm_pack`).
 3. Swaps between the heaviest rank and the others until the heaviest rank is within a
    tolerance of the lower bound ``max(mean rank load, heaviest replica)`` or no swap helps.
-   From a previous placement the target is looser (``WARM_TOLERANCE`` above a fresh
-   packing's heaviest rank) and swaps are scored by the excess over it they remove, ties
-   going to swaps that change fewer slots; a layer whose warm result stays more than
-   ``FALLBACK_TOLERANCE`` above the fresh one takes the fresh one, with its ranks renamed
-   to overlap the previous placement most.
+   From a previous placement the target is looser: above a fresh packing's heaviest rank
+   by its own gap to the bound, clipped to ``[MIN_WARM_TOLERANCE, WARM_TOLERANCE]``. The
+   overloaded ranks are first fixed along cycles, one changed slot per touched rank
+   (:func:`~lightning_eplb._warm.cycle_cover`, ``COVER_PASSES`` times), then by swaps that
+   keep the partner under the target (:func:`~lightning_eplb._warm.drain`), then by swaps
+   scored by the excess they remove (ties to swaps changing fewer slots). A row whose warm
+   result stays more than ``FALLBACK_TOLERANCE`` above its target is retried (water-filling
+   counts, with and without cycles), then takes the fresh packing, its ranks renamed to
+   overlap the previous placement most.
 4. With a previous placement, a layer whose previous row is valid and no less balanced
    than the result keeps the previous row unchanged.
 
