@@ -37,7 +37,7 @@ __all__ = ["cycle_cover", "drain", "sticky_counts"]
 #: water-filling counts (each count change costs changed slots).
 STICKY_SLACK = 0.15
 #: Room intervals one excess interval may open.
-MAX_OPENS = 3
+MAX_OPENS = 6
 #: Relative margin under the target kept by :func:`cycle_cover` against rounding.
 COVER_MARGIN = 1e-9
 #: In :func:`drain`, a swap's gain drops by this fraction of the target per slot it changes.
@@ -205,19 +205,24 @@ def _cover(state: PackState, target_B: np.ndarray) -> tuple[np.ndarray, ...]:
                 live = ok_RK & ~done_RK
                 if not live.any():
                     break
+                # only the live (row, option) pairs: Q of them
+                qr, qk = np.nonzero(live)
+                top_Q = top[qr, qk]
                 cand = (
-                    live[:, None, None, :]
-                    & np.moveaxis(avail_RKN, 1, -1)[:, :, None, :]
-                    & (u_lo_R[..., None] <= top[:, None, None, :])
-                    & (u_hi_R[..., None] > top[:, None, None, :])
+                    avail_RKN[qr, qk][:, :, None]
+                    & (u_lo_R[qr] <= top_Q[:, None, None])
+                    & (u_hi_R[qr] > top_Q[:, None, None])
                 )
-                full = u_lo_R[..., None] <= first_R[:, None, None, :]
+                full = u_lo_R[qr] <= first_R[qr, qk][:, None, None]
                 score = np.where(
-                    cand, base + np.where(full, 0.0, 10.0 + u_lo_R[..., None] / num_cells), np.inf
-                )
-                flat = score.reshape(len(r_idx), num_ranks * per_rank, per_rank)
-                best = flat.argmin(1)  # (R, K)
-                found = np.take_along_axis(flat, best[:, None, :], 1)[:, 0] < np.inf
+                    cand, base[qr, :, :, qk] + np.where(full, 0.0, 10.0 + u_lo_R[qr] / num_cells), np.inf
+                ).reshape(len(qr), -1)
+                best_Q = score.argmin(1)
+                found_Q = score[np.arange(len(qr)), best_Q] < np.inf
+                best = np.zeros_like(cur_hi)
+                found = np.zeros_like(live)
+                best[qr, qk] = best_Q
+                found[qr, qk] = found_Q
                 ok_RK &= found | ~live
                 go = live & found
                 u, ku = np.divmod(best, per_rank)
