@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_eplb._grouped import resolve_backend
+from lightning_eplb._overlap import ReplicaSyncOverlap
 from lightning_eplb._replica_sync import ReplicaIndex
 from lightning_eplb.dense import DenseMoE
 from lightning_eplb.moe import ExpertParallelMoE
@@ -55,7 +56,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--backends", default="auto,bmm", help="expert backends for the slot-cost table")
     parser.add_argument("--sections", default="1,2,3,4", help="which sections to run, e.g. 1,4")
     parser.add_argument(
-        "--profile", action="store_true", help="section 4: torch.profiler kernel table for P = E and the +25%% slots"
+        "--stack", type=int, default=4, help="section 4: layers of the stacked rows (0: none)"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="section 4: torch.profiler kernel table for P = E and the +25%% slots",
     )
     args = parser.parse_args()
     if args.small:
@@ -264,6 +270,47 @@ def step_time(
     return float(elapsed)
 
 
+def stack_time(
+    layers: list[ExpertParallelMoE], device: torch.device, dtype: torch.dtype, overlap: bool
+) -> float:
+    """Mean seconds of forward+backward+replica sync of a residual stack, max over ranks;
+    the sync after the backward, or started from gradient hooks (as EplbCallback does)."""
+    gen = torch.Generator().manual_seed(3 + dist.get_rank())
+    x = torch.randn(ARGS.tokens, ARGS.hidden, generator=gen).to(device, dtype)
+    gy = torch.randn(ARGS.tokens, ARGS.hidden, generator=gen).to(device, dtype)
+    scheduler = (
+        ReplicaSyncOverlap(layers, dist.new_group(ranks=list(range(dist.get_world_size()))))
+        if overlap
+        else None
+    )
+    start = 0.0
+    for i in range(ARGS.warmup + ARGS.iters):
+        if i == ARGS.warmup:
+            sync(device)
+            dist.barrier()
+            start = time.perf_counter()
+        h = x
+        for layer in layers:
+            layer.train()
+            layer.zero_grad(set_to_none=True)
+            layer.forward_calls = 0
+            h = h + layer(h)
+        if scheduler is not None:
+            scheduler.arm()
+        h.backward(gy)
+        done = scheduler.finish() if scheduler is not None else set()
+        for layer in layers:
+            if id(layer) not in done:
+                layer.sync_replica_grads()
+            layer.reset_expert_load()
+    sync(device)
+    elapsed = torch.tensor([(time.perf_counter() - start) / ARGS.iters], device=device)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    if scheduler is not None:
+        scheduler.remove()
+    return float(elapsed)
+
+
 def emit(lines: list[str]) -> None:
     """Print a finished section on rank 0 at once, so a slow later section loses nothing."""
     if dist.get_rank() == 0 and lines:
@@ -308,7 +355,11 @@ def main() -> None:
         emit(lines)
     solo_groups = [dist.new_group([r]) for r in range(n)]
     redundant = 0
-    one = 1.0 if 3 not in sections else step_time(make_layer(device, low, redundant, "auto", group=solo_groups[rank]), device, low)
+    one = (
+        1.0
+        if 3 not in sections
+        else step_time(make_layer(device, low, redundant, "auto", group=solo_groups[rank]), device, low)
+    )
     many = 1.0 if 3 not in sections else step_time(make_layer(device, low, redundant, "auto"), device, low)
     lines = [
         "",
@@ -341,11 +392,48 @@ def main() -> None:
             )
             table = profile_table(layer, device, low)
             emit(["", f"### profile, P={ARGS.experts + redundant}, rank 0, 5 steps", table])
+    if ARGS.stack > 0:
+        rows: dict[bool, list[float]] = {False: [], True: []}
+        identical: list[bool] = []
+        for redundant in extras:
+            stack = []
+            for _ in range(ARGS.stack):
+                layer = make_layer(device, low, redundant, "auto")
+                even = even_placement(ARGS.experts, ARGS.experts + redundant, n)
+                layer.set_placement(
+                    even.physical_to_logical[0], even.logical_to_physical[0], even.logical_replica_count[0]
+                )
+                stack.append(layer)
+            for overlap in (False, True):
+                rows[overlap].append(stack_time(stack, device, low, overlap))
+            # one more step each way: the overlapped sync must give the very same bits
+            grads = []
+            for overlap in (False, True):
+                ARGS.warmup, ARGS.iters, saved = 0, 1, (ARGS.warmup, ARGS.iters)
+                stack_time(stack, device, low, overlap)
+                ARGS.warmup, ARGS.iters = saved
+                grads.append([p.grad.clone() for layer in stack for p in layer.expert_tensors()])
+            same = all(
+                torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(*grads, strict=True)
+            )
+            identical.append(same)
+            del stack
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        for overlap, times in rows.items():
+            label = "overlapped sync" if overlap else "sync after backward"
+            lines.append(
+                f"| auto, {ARGS.stack}-layer stack, {label} | {times[0] * 1e3:.2f} | {times[1] * 1e3:.2f} | "
+                f"{times[2] * 1e3:.2f} | {times[1] / times[0] - 1:+.1%} | {times[2] / times[0] - 1:+.1%} |"
+            )
+        lines.append(f"(overlapped and after-backward expert gradients bit-identical at each P: {identical})")
+        emit(lines)
+        lines = []
     # rows: the step as the callback runs it; without the replica-gradient sync; with the sync
     # forced to one all-reduce of every replicated expert (the former path)
     variants = (("", True, None), (", no sync", False, None), (", all-reduce sync", True, 1))
     sent: dict[int, tuple[float, float]] = {}
-    for backend in ARGS.backends.split(","):
+    for backend in [b for b in ARGS.backends.split(",") if b]:
         for label, with_sync, max_p2p_holders in variants:
             times = []
             for redundant in extras:

@@ -288,6 +288,13 @@ def main() -> None:
         "a": ("(a) static, no EPLB", 0, skewed, None, True),
         "a'": ("(a') static + callback, no rearrangement", 0, skewed, eplb(10_000), True),
         "b": ("(b) EPLB, redundant experts", num_redundant, skewed, cb, False),
+        "b'": (
+            "(b') EPLB, replica sync after the backward (overlap_grad_sync=False)",
+            num_redundant,
+            skewed,
+            eplb(max(2, args.warmup_steps - 5), overlap_grad_sync=False),
+            False,
+        ),
         "c1": ("(c1) balanced routing, static slots", 0, uniform, None, False),
         "c2": ("(c2) balanced routing, EPLB slots", num_redundant, uniform, None, False),
     }

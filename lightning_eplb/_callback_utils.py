@@ -377,3 +377,18 @@ def checkpoint_hook(name: str) -> Callable[..., None]:
         )
         return lambda *args: None
     return hook
+
+
+def log_values(pl_module: pl.LightningModule, values: dict[str, float]) -> None:
+    """Log values that are identical on every rank (no sync needed)."""
+    for name, value in values.items():
+        pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=1)
+
+
+def log_event(trainer: pl.Trainer, values: dict[str, float]) -> None:
+    """Write one row per event straight to the loggers (rank zero only, as
+    ``LearningRateMonitor`` does): values given to ``pl_module.log`` would be written again
+    at every later logging step of the epoch and read as more rearrangements."""
+    step = int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
+    for logger in trainer.loggers:
+        logger.log_metrics(values, step=step)

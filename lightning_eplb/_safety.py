@@ -235,6 +235,7 @@ def setup_fingerprint(callback: Any, num_ranks: int) -> Fingerprint:
         entry("trace", cb.trace),
         entry("trace_every_n_steps", cb.trace_every_n_steps),
         entry("rearrange", cb.rearrange),
+        entry("overlap_grad_sync", getattr(cb, "overlap_grad_sync", True)),
         entry("balanced layers", [name for name, _ in cb.layers]),
     ]
     for name, layer in cb.layers:

@@ -29,6 +29,7 @@ from typing_extensions import override
 
 from lightning_eplb import _callback_utils as utils
 from lightning_eplb import _safety
+from lightning_eplb._overlap import ReplicaSyncOverlap, supports_overlap
 from lightning_eplb.load import ExpertLoadWindow, WindowLoad, token_statistics
 from lightning_eplb.placement import Placement
 
@@ -91,6 +92,11 @@ class EplbCallback(Callback):
             before/after (:mod:`lightning_eplb.viz`; needs matplotlib, the ``viz`` extra): to
             TensorBoard when the trainer has a ``TensorBoardLogger``, else PNG files under
             ``<log_dir>/eplb``.
+        overlap_grad_sync: start each :class:`~lightning_eplb.ExpertParallelMoE`'s
+            replica-gradient exchange during the backward, as soon as its expert gradients
+            exist, on a process group of its own (one more NCCL communicator), so that it
+            overlaps the backward of the layers below (automatic optimization; the result
+            is bit-identical to syncing after the backward). ``False``: sync after the backward.
 
     Raises:
         ValueError: on a bad argument, naming the value and the rule.
@@ -118,6 +124,7 @@ class EplbCallback(Callback):
         trace_every_n_steps: int | None = None,
         rearrange: bool = True,
         plot: bool = False,
+        overlap_grad_sync: bool = True,
     ) -> None:
         super().__init__()
         self.step_interval = utils.positive_int("step_interval", step_interval)
@@ -141,6 +148,7 @@ class EplbCallback(Callback):
             raise ValueError(f"trace_every_n_steps ({trace_every_n_steps}) needs trace=True")
         self.rearrange = utils.boolean("rearrange", rearrange)
         self.plot = utils.plot_option(plot)
+        self.overlap_grad_sync = utils.boolean("overlap_grad_sync", overlap_grad_sync)
 
         self.layers: list[tuple[str, Any]] = []
         """``(qualified name, layer)`` of every balanced layer, found in :meth:`setup`."""
@@ -161,6 +169,9 @@ class EplbCallback(Callback):
         self._clip_norm: float | None = None
         self._broken: str | None = None
         self._warned_empty = False
+        self._overlap: ReplicaSyncOverlap | None = None
+        self._sync_group: Any = None
+        self._synced: set[int] = set()  # id of layers whose replica sync finished this step
 
     # ------------------------------------------------------------------ schedule
     def is_rearrangement_step(self, step: int) -> bool:
@@ -205,12 +216,25 @@ class EplbCallback(Callback):
         utils.checkpoint_hook("install_load_checks")(pl_module, self.layers)
         self._expert_param_ids = {id(p) for _, layer in self.layers for p in layer.expert_tensors()}
         self._holds_experts = {}
+        self._setup_overlap(stage)
         shape = (len(self.layers), num_logical, num_physical, self.window_size)
         if self._window is None or self._window_shape() != shape:
             self._window = ExpertLoadWindow(*shape)
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
             self._pending_state = None
+
+    def _setup_overlap(self, stage: str) -> None:
+        """Hooks that start replica-gradient syncs during the backward, on a group of their own."""
+        if self._overlap is not None:
+            self._overlap.remove()
+            self._overlap = None
+        layers = [layer for _, layer in self.layers if supports_overlap(layer)]
+        if stage != "fit" or not self.overlap_grad_sync or self._num_ranks < 2 or not layers:
+            return
+        if self._sync_group is None:  # every rank runs setup: new_group is collective-safe here
+            self._sync_group = dist.new_group(ranks=list(range(self._num_ranks)))
+        self._overlap = ReplicaSyncOverlap(layers, self._sync_group)
 
     def _verify_ranks_agree(self, trainer: pl.Trainer) -> None:
         """Compare a fingerprint of the callback's arguments, the world size and the layers'
@@ -253,15 +277,43 @@ class EplbCallback(Callback):
         """Sum replica gradients (before gradient clipping, so clipping sees true norms)."""
         if not self.layers:
             return
+        synced, self._synced = self._synced, set()
+        if self._holds_expert_params(optimizer):
+            for _, layer in self.layers:
+                if id(layer) not in synced:
+                    layer.sync_replica_grads()
+        if self._clip_norm is not None:
+            utils.clip_global_norm(optimizer, self.layers, self._clip_norm)
+
+    def _holds_expert_params(self, optimizer: torch.optim.Optimizer) -> bool:
         key = (id(optimizer), len(optimizer.param_groups))  # add_param_group invalidates
         if key not in self._holds_experts:  # once per optimizer, not a scan of every parameter per step
             params = (p for group in optimizer.param_groups for p in group["params"])
             self._holds_experts[key] = any(id(p) in self._expert_param_ids for p in params)
-        if self._holds_experts[key]:
-            for _, layer in self.layers:
-                layer.sync_replica_grads()
-        if self._clip_norm is not None:
-            utils.clip_global_norm(optimizer, self.layers, self._clip_norm)
+        return self._holds_experts[key]
+
+    @override
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
+    ) -> None:
+        """Arm the overlapped replica sync for a backward that ends in an optimizer step."""
+        if self._overlap is None or not pl_module.automatic_optimization or len(trainer.optimizers) != 1:
+            return
+        try:
+            accumulating = bool(trainer.fit_loop._should_accumulate())
+        except AttributeError:  # a Lightning without it: sync after the backward instead
+            return
+        if not accumulating and self._holds_expert_params(trainer.optimizers[0]):
+            self._overlap.arm()
+
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Complete the overlapped replica syncs before anything reads the gradients."""
+        if self._overlap is not None:
+            self._synced |= self._overlap.finish()
+        for _, layer in self.layers:
+            if hasattr(layer, "forward_calls"):
+                layer.forward_calls = 0
 
     @override
     def on_train_batch_end(
@@ -311,7 +363,7 @@ class EplbCallback(Callback):
             "eplb/max_tokens": max_tokens,
             "eplb/avg_tokens": avg_tokens,
         }
-        _log(pl_module, self.last_stats)
+        utils.log_values(pl_module, self.last_stats)
 
     # ------------------------------------------------------------------ rearrangement
     def _rearrange(
@@ -402,14 +454,16 @@ class EplbCallback(Callback):
             "skipped": float(skipped),
         }
         self.rearrangements.append(record)
-        _log_event(trainer, {f"eplb/rearrangement/{k}": v for k, v in record.items() if k != "step"})
+        utils.log_event(trainer, {f"eplb/rearrangement/{k}": v for k, v in record.items() if k != "step"})
         if self._trace_writer is not None:
             self._trace_writer.add_window(step, load_LE)
             self._trace_writer.add_rearrangement(
                 step, old_LP, old_LP if skipped else new_LP, before, after, int(total_sent), seconds
             )
         if self.plot:
-            utils.plot_rearrangement(trainer, load_LE, old_LP, old_LP if skipped else new_LP, self._num_ranks, step)
+            utils.plot_rearrangement(
+                trainer, load_LE, old_LP, old_LP if skipped else new_LP, self._num_ranks, step
+            )
         verb = "kept the placement (gain below min_improvement)" if skipped else f"moved {changed} slots"
         rank_zero_info(
             f"EPLB step {step}: predicted balancedness {before:.3f} -> {after:.3f} (measured {measured:.3f}); "
@@ -487,25 +541,13 @@ class EplbCallback(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Give gradient clipping back to the trainer; close the trace."""
+        """Give gradient clipping back to the trainer; close the trace; remove the sync hooks."""
+        if self._overlap is not None:
+            self._overlap.remove()
+            self._overlap = None
         if self._clip_norm is not None:
             trainer.gradient_clip_val = self._clip_norm
             self._clip_norm = None
         if self._trace_writer is not None:
             self._trace_writer.close()
             self._trace_writer = None
-
-
-def _log(pl_module: pl.LightningModule, values: dict[str, float]) -> None:
-    """Log values that are identical on every rank (no sync needed)."""
-    for name, value in values.items():
-        pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=1)
-
-
-def _log_event(trainer: pl.Trainer, values: dict[str, float]) -> None:
-    """Write one row per event straight to the loggers (rank zero only, as
-    ``LearningRateMonitor`` does): values given to ``pl_module.log`` would be written again
-    at every later logging step of the epoch and read as more rearrangements."""
-    step = int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
-    for logger in trainer.loggers:
-        logger.log_metrics(values, step=step)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from lightning_eplb._dispatch import all_to_all, exchange_counts
 from lightning_eplb._grouped import BACKENDS, grouped_swiglu, resolve_backend
 from lightning_eplb._moe_state import load_state_dict_post_hook, load_state_dict_pre_hook
-from lightning_eplb._replica_sync import ReplicaIndex, sync_replica_grads_
+from lightning_eplb._replica_sync import PendingSync, ReplicaIndex, finish_sync, start_sync
 from lightning_eplb._routing import check_routing_args, route
 from lightning_eplb.dense import init_logical_experts
 from lightning_eplb.placement import Placement
@@ -145,6 +145,9 @@ class ExpertParallelMoE(nn.Module):
 
         self._ep_group: dist.ProcessGroup | None = None
         self._ep_size, self._ep_rank, self._is_setup = 1, 0, False
+        self._pending_sync: PendingSync | None = None
+        self.forward_calls = 0
+        """Training forwards with autograd since the callback last reset it (host counter)."""
         self._refresh_replica_index()
         self._register_load_state_dict_pre_hook(load_state_dict_pre_hook, with_module=True)
         self.register_load_state_dict_post_hook(load_state_dict_post_hook)
@@ -247,7 +250,27 @@ class ExpertParallelMoE(nn.Module):
         Every rank of the EP group must call it once per optimizer step, after backward and
         before gradient clipping and ``optimizer.step()``. Missing gradients become zeros.
         """
-        sync_replica_grads_(self.expert_tensors(), self._replicas, self._ep_size, self._ep_group)
+        pending, self._pending_sync = self._pending_sync, None
+        if pending is None:
+            pending = start_sync(self.expert_tensors(), self._replicas, self._ep_group)
+        finish_sync(pending, self._replicas, self._ep_size)
+
+    def start_replica_grad_sync(self, process_group: dist.ProcessGroup | None = None) -> None:
+        """Start the exchange of :meth:`sync_replica_grads` and return without waiting; the
+        next :meth:`sync_replica_grads` completes it. Lets the exchange run during the rest
+        of the backward (:class:`~lightning_eplb.EplbCallback` calls it from gradient hooks).
+
+        The gradients must not change until then. Every rank of the EP group calls it in the
+        same order relative to its other collectives on ``process_group``.
+
+        Args:
+            process_group: a group with the EP group's ranks in the same order (a separate
+                communicator lets the exchange overlap the backward's all-to-alls); None:
+                the EP group.
+        """
+        if self._pending_sync is None:
+            group = process_group if process_group is not None else self._ep_group
+            self._pending_sync = start_sync(self.expert_tensors(), self._replicas, group)
 
     def reset_expert_load(self) -> None:
         """Zero ``expert_load`` in place."""
@@ -312,6 +335,8 @@ class ExpertParallelMoE(nn.Module):
                     "ExpertParallelMoE still holds all slots on a multi-rank run: call "
                     "setup_expert_parallel() (EplbCallback does it in setup) before the first forward"
                 )
+        if self.training and torch.is_grad_enabled():
+            self.forward_calls += 1  # host-side; EplbCallback resets it after each backward
         x_TH = x.reshape(-1, self.hidden_size)
         num_tokens, top_k = x_TH.shape[0], self.top_k
         weights_TK, experts_TK = route(

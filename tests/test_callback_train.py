@@ -157,7 +157,14 @@ def _runs(world_size: int, tmp: str) -> dict:
     ckpt = ModelCheckpoint(
         dirpath=tmp, filename=f"n{world_size}-{{step}}", every_n_train_steps=4, save_top_k=-1
     )
-    _fit(model, world_size, tmp, [cb, ckpt])
+    launches: list[int] = []  # replica syncs started from gradient hooks during the backward
+    start = ExpertParallelMoE.start_replica_grad_sync
+    ExpertParallelMoE.start_replica_grad_sync = lambda self, *a: launches.append(1) or start(self, *a)
+    try:
+        _fit(model, world_size, tmp, [cb, ckpt])
+    finally:
+        ExpertParallelMoE.start_replica_grad_sync = start
+    out["launches"] = len(launches)
     out["eplb"], out["records"], out["stats"] = _global_losses(model), cb.rearrangements, cb.last_stats
     out["rearrangements"] = cb.num_rearrangements
     # resume from step 4: the same losses, rearrangement steps and decisions afterwards
@@ -173,10 +180,14 @@ def _runs(world_size: int, tmp: str) -> dict:
     calls = []
     compute = ExpertLoadWindow.compute
     ExpertLoadWindow.compute = lambda self: calls.append(1) or compute(self)
+    launches.clear()
+    ExpertParallelMoE.start_replica_grad_sync = lambda self, *a: launches.append(1) or start(self, *a)
     try:
         _fit(model, world_size, tmp, [cb], accumulate=2)
     finally:
         ExpertLoadWindow.compute = compute
+        ExpertParallelMoE.start_replica_grad_sync = start
+    out["accumulate_launches"] = len(launches)
     out["accumulate"], out["computes"] = _global_losses(model, 2), len(calls)
     out["rotated"] = sum(r["slots_changed"] for r in cb.rearrangements)
     return out
@@ -228,6 +239,10 @@ def test_training_unchanged_by_eplb_on_one_and_two_ranks(tmp_path):
         assert run["resumed_rearrangements"] == run["rearrangements"]
         assert run["rotated"] == 4 * 2 * 6  # 4 rearrangements x 2 layers x 6 slots
         assert run["computes"] == 4
+    # the replica sync overlapped the backward: once per layer per optimizer step (never on an
+    # accumulating micro-batch), bit-identical (the losses above); one process has nothing to sync
+    assert (two["launches"], two["accumulate_launches"]) == (8 * 2, 8 * 2)
+    assert (one["launches"], one["accumulate_launches"]) == (0, 0)
     moved = [r for r in two["records"] if r["slots_changed"] > 0]
     assert moved and all(r["bytes_sent"] > 0 for r in moved)
     # a proposal predicted to be worse is kept out by min_improvement=0

@@ -1,0 +1,105 @@
+"""Replica-gradient sync overlapped with the backward (used by :class:`~lightning_eplb.EplbCallback`).
+
+Without overlap every layer's replica gradients are exchanged after the whole backward, on
+the critical path. Here each layer's exchange starts as soon as the backward has produced
+all its expert gradients (``register_post_accumulate_grad_hook``), on a process group of its
+own (its own NCCL communicator and stream), so it runs while the backward of the layers
+below it computes; :meth:`ReplicaSyncOverlap.finish` completes them all right after the
+backward (``on_after_backward``), before anything else reads or changes the gradients.
+
+Collectives must be issued in the same order on every rank. Hooks fire in backward order,
+which is the same on every rank for the same graph, but to be safe against a graph that
+differs between ranks the exchanges are *launched* in one fixed order (the reverse of the
+layers' module order): a layer whose gradients are ready waits until the layers before it in
+that order have launched; whatever has not launched when the backward ends launches then,
+in order. Only layers that ran exactly one forward since the last backward are armed (a
+layer called twice would accumulate into its gradients after its exchange had started).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def supports_overlap(layer: Any) -> bool:
+    """Whether ``layer`` can start its replica-gradient sync early (our ExpertParallelMoE can;
+    a user's layer implementing only the protocol syncs after the backward)."""
+    return callable(getattr(layer, "start_replica_grad_sync", None)) and hasattr(layer, "forward_calls")
+
+
+class ReplicaSyncOverlap:
+    """Starts each layer's replica-gradient sync from gradient hooks during an armed backward.
+
+    Args:
+        layers: the balanced layers in module order (all support the overlap).
+        group: a process group with the EP group's ranks in the same order, used for the
+            exchanges only.
+    """
+
+    def __init__(self, layers: list[Any], group: dist.ProcessGroup | None) -> None:
+        self.order = list(reversed(layers))  # the order the backward reaches them
+        self.group = group
+        self.armed: list[bool] = [False] * len(self.order)
+        self.launched = 0
+        self._counts = [0] * len(self.order)
+        self._ready = [False] * len(self.order)
+        self._handles = []
+        for i, layer in enumerate(self.order):
+            for p in layer.expert_tensors():
+                self._handles.append(
+                    p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, i))
+                )
+
+    def arm(self) -> None:
+        """Before a backward that ends in an optimizer step: start syncs from hooks."""
+        self.launched = 0
+        for i, layer in enumerate(self.order):
+            self.armed[i] = int(layer.forward_calls) == 1
+            self._counts[i] = 0
+            self._ready[i] = False
+
+    @property
+    def is_armed(self) -> bool:
+        return any(self.armed)
+
+    def _on_grad(self, i: int, param: torch.Tensor) -> None:
+        if not self.armed[i] or self._ready[i]:
+            return
+        self._counts[i] += 1
+        if self._counts[i] == len(self.order[i].expert_tensors()):
+            self._ready[i] = True
+            self._launch(until_blocked=True)
+
+    def _launch(self, until_blocked: bool) -> None:
+        while self.launched < len(self.order):
+            i = self.launched
+            if self.armed[i]:
+                if until_blocked and not self._ready[i]:
+                    return
+                self.order[i].start_replica_grad_sync(self.group)
+            self.launched += 1
+
+    def finish(self) -> set[int]:
+        """Launch what has not launched (in order), complete every armed layer's sync and
+        disarm. Returns the ``id`` of the layers synced (the others still need
+        ``sync_replica_grads()``)."""
+        if not self.is_armed:
+            return set()
+        self._launch(until_blocked=False)
+        done = set()
+        for i, layer in enumerate(self.order):
+            if self.armed[i]:
+                layer.sync_replica_grads()
+                done.add(id(layer))
+            self.armed[i] = False
+        return done
+
+    def remove(self) -> None:
+        """Remove the gradient hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
