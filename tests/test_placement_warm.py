@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lightning_eplb._packing import PackState, replica_counts
 from lightning_eplb._warm import cycle_cover, drain, sticky_counts
@@ -125,3 +127,30 @@ def test_warm_changes_few_slots_at_four_slots_per_rank(seed, most_changed):
     peak_warm = warm.rank_loads(drifted).max(1).values
     peak_fresh = fresh.rank_loads(drifted).max(1).values
     assert (peak_warm <= peak_fresh * (1 + 1.5e-3) * (1 + 1e-3)).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    num_layers=st.integers(1, 3),
+    num_ranks=st.integers(1, 12),
+    per_rank=st.integers(1, 5),
+    extra=st.integers(0, 8),
+    drift=st.sampled_from([0.05, 0.3, 1.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_warm_from_a_drifted_placement_is_valid_and_near_fresh(
+    num_layers, num_ranks, per_rank, extra, drift, seed
+):
+    num_physical = num_ranks * per_rank
+    num_logical = max(1, num_physical - extra)
+    gen = torch.Generator().manual_seed(seed)
+    load = torch.rand(num_layers, num_logical, generator=gen, dtype=torch.float64) ** 4 * 100
+    first = rebalance(load, num_physical, num_ranks)
+    drifted = load * torch.exp(drift * torch.randn(load.shape, generator=gen, dtype=torch.float64))
+    warm = rebalance(drifted, num_physical, num_ranks, previous=first)
+    fresh = rebalance(drifted, num_physical, num_ranks)
+    warm.validate()
+    # within the warm tolerance and the fallback margin of a fresh packing, layer by layer
+    peak_warm = warm.rank_loads(drifted).max(1).values
+    peak_fresh = fresh.rank_loads(drifted).max(1).values
+    assert (peak_warm <= peak_fresh * (1 + 1.5e-3) * (1 + 1e-3) + 1e-9).all()
