@@ -127,6 +127,7 @@ def _warm(
     count_BE: np.ndarray,
     target_B: np.ndarray,
     cycles: bool = True,
+    best_fit: bool = True,
 ) -> PackState:
     """Packing from a previous one with few changed slots, each row at or near its target.
 
@@ -139,7 +140,7 @@ def _warm(
     warm.home = previous_BNS
     if cycles:
         for _ in range(COVER_PASSES):
-            cycle_cover(warm, target_B)
+            cycle_cover(warm, target_B, best_fit)
         repair(warm)
         drain(warm, target_B)
     improve(warm, target_B, few_moves=True)
@@ -210,13 +211,15 @@ def solve_flat(
     worse = np.nonzero(warm.rank_load.max(1) > limit_B)[0]
     if len(worse):
         # a cover can leave a few rows stuck where another start would not: retry them with
-        # water-filling counts, with and without cycles, and keep per row the result within
-        # the limit that changes fewest slots (else the lowest peak)
+        # water-filling counts, the other deal, or swaps alone, and keep per row the result
+        # within the limit that changes fewest slots (else the lowest peak)
         sub_prev, sub_load, sub_target = previous_BNS[worse], load_BE[worse], warm_target_B[worse]
+        sub_sticky, sub_water = sticky_counts(sub_prev, sub_load, count_BE[worse]), count_BE[worse]
         tries = [
             warm.expert[worse],
-            _warm(sub_prev, sub_load, count_BE[worse], sub_target).expert,
-            _warm(sub_prev, sub_load, count_BE[worse], sub_target, cycles=False).expert,
+            _warm(sub_prev, sub_load, sub_water, sub_target).expert,
+            _warm(sub_prev, sub_load, sub_sticky, sub_target, best_fit=False).expert,
+            _warm(sub_prev, sub_load, sub_water, sub_target, cycles=False).expert,
         ]
         peaks = np.stack([_row_peak(sub_load, t) for t in tries])
         moved = np.stack([(t != sub_prev).sum((1, 2)) for t in tries])

@@ -265,7 +265,51 @@ def _cover(state: PackState, target_B: np.ndarray) -> tuple[np.ndarray, ...]:
     return row.astype(np.int64), rank.astype(np.int64), slot.astype(np.int64), cap.astype(np.float64)
 
 
-def cycle_cover(state: PackState, target_B: np.ndarray) -> None:
+def _deal(row: np.ndarray, item: np.ndarray, cap: np.ndarray, num_rows: int) -> np.ndarray:
+    """Which released item each released slot receives: caps in increasing order, each
+    taking the largest item left that fits (best fit).
+
+    A valid deal exists when the caps dominate the items (the cover guarantees it); best
+    fit in increasing order of caps finds one, and, unlike dealing largest to largest, it
+    leaves the unused room on few ranks (the largest caps), in pieces the next pass can use.
+
+    Args:
+        row: ``(Q,)`` row of each released slot.
+        item: ``(Q,)`` its released item.
+        cap: ``(Q,)`` its cap (same units as ``item``).
+        num_rows: ``B``.
+
+    Returns:
+        ``(Q,)`` for each released slot, the index of the released slot whose item it gets.
+    """
+    count_B = np.bincount(row, minlength=num_rows)
+    width = int(count_B.max())
+    start_B = np.concatenate([[0], np.cumsum(count_B)[:-1]])
+    by_item = np.lexsort((item, row))
+    by_cap = np.lexsort((cap, row))
+    column = np.arange(len(row)) - start_B[row[by_item]]  # rows sorted: same position list
+    item_BW = np.full((num_rows, width), np.inf)
+    src_BW = np.zeros((num_rows, width), dtype=np.int64)
+    cap_BW = np.full((num_rows, width), np.inf)
+    dst_BW = np.full((num_rows, width), -1, dtype=np.int64)
+    item_BW[row[by_item], column] = item[by_item]
+    src_BW[row[by_item], column] = by_item
+    cap_BW[row[by_cap], column] = cap[by_cap]
+    dst_BW[row[by_cap], column] = by_cap
+    taken_BW = np.arange(width)[None, :] >= count_B[:, None]
+    source = np.empty(len(row), dtype=np.int64)
+    rows = np.arange(num_rows)
+    for k in range(width):
+        fit = ~taken_BW & (item_BW <= cap_BW[:, k : k + 1])
+        # the largest fitting item (items ascend); rounding aside there always is one
+        pick = np.where(fit.any(1), width - 1 - fit[:, ::-1].argmax(1), (~taken_BW).argmax(1))
+        live = dst_BW[:, k] >= 0
+        source[dst_BW[live, k]] = src_BW[rows[live], pick[live]]
+        taken_BW[rows[live], pick[live]] = True
+    return source
+
+
+def cycle_cover(state: PackState, target_B: np.ndarray, best_fit: bool = True) -> None:
     """One pass: release one slot per touched rank and deal the items back under the caps.
 
     Every touched rank ends at or below its row's target; ranks whose excess could not be
@@ -274,6 +318,8 @@ def cycle_cover(state: PackState, target_B: np.ndarray) -> None:
     Args:
         state: the packing, changed in place (``state.home``, if set, marks free slots).
         target_B: ``(B,)`` rank load to reach.
+        best_fit: deal by best fit in increasing order of caps (:func:`_deal`), which
+            leaves the unused room on few ranks; else the largest item to the largest cap.
     """
     row, rank, slot, cap = _cover(state, target_B)
     if not len(row):
@@ -282,12 +328,12 @@ def cycle_cover(state: PackState, target_B: np.ndarray) -> None:
     item = state.load[row, rank, slot] / scale
     expert = state.expert[row, rank, slot]
     load = state.load[row, rank, slot]
-    by_item = np.lexsort((-item, row))
-    by_cap = np.lexsort((-cap, row))
-    new_expert = np.empty_like(expert)
-    new_load = np.empty_like(load)
-    new_expert[by_cap] = expert[by_item]
-    new_load[by_cap] = load[by_item]
+    if best_fit:
+        source = _deal(row, item, cap, state.expert.shape[0])
+    else:  # largest item to largest cap
+        source = np.empty(len(row), dtype=np.int64)
+        source[np.lexsort((-cap, row))] = np.lexsort((-item, row))
+    new_expert, new_load = expert[source], load[source]
     state.expert[row, rank, slot] = new_expert
     state.load[row, rank, slot] = new_load
     state.rank_load[:] = state.load.sum(-1)
