@@ -394,7 +394,7 @@ def main() -> None:
             emit(["", f"### profile, P={ARGS.experts + redundant}, rank 0, 5 steps", table])
     if ARGS.stack > 0:
         rows: dict[bool, list[float]] = {False: [], True: []}
-        identical: list[bool] = []
+        identical: list[str] = []
         for redundant in extras:
             stack = []
             for _ in range(ARGS.stack):
@@ -406,17 +406,29 @@ def main() -> None:
                 stack.append(layer)
             for overlap in (False, True):
                 rows[overlap].append(stack_time(stack, device, low, overlap))
-            # one more step each way: the overlapped sync must give the very same bits
+            # one more step each way, plus a second plain one: the backward itself is not
+            # bit-reproducible on GPU (atomic index_add in the dispatch's backward), so the
+            # layer the backward reaches first is compared bit for bit and the whole stack
+            # against the run-to-run difference of the plain path
             grads = []
-            for overlap in (False, True):
+            for overlap in (False, True, False):
                 ARGS.warmup, ARGS.iters, saved = 0, 1, (ARGS.warmup, ARGS.iters)
                 stack_time(stack, device, low, overlap)
                 ARGS.warmup, ARGS.iters = saved
-                grads.append([p.grad.clone() for layer in stack for p in layer.expert_tensors()])
-            same = all(
-                torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(*grads, strict=True)
+                grads.append([p.grad.float().clone() for layer in stack for p in layer.expert_tensors()])
+            plain, over, again = grads
+            top = slice(-3, None)  # the last layer's w1, w3, w2: first in the backward
+            same = all(torch.equal(a, b) for a, b in zip(plain[top], over[top], strict=True))
+
+            def diff(x: list[Tensor], y: list[Tensor]) -> float:
+                return max(
+                    float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+                    for a, b in zip(x, y, strict=True)
+                )
+
+            identical.append(
+                f"top layer {same}, stack {diff(over, plain):.1e} vs plain-plain {diff(again, plain):.1e}"
             )
-            identical.append(same)
             del stack
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -426,7 +438,9 @@ def main() -> None:
                 f"| auto, {ARGS.stack}-layer stack, {label} | {times[0] * 1e3:.2f} | {times[1] * 1e3:.2f} | "
                 f"{times[2] * 1e3:.2f} | {times[1] / times[0] - 1:+.1%} | {times[2] / times[0] - 1:+.1%} |"
             )
-        lines.append(f"(overlapped and after-backward expert gradients bit-identical at each P: {identical})")
+        lines.append(
+            f"(overlapped vs after-backward expert gradients, max relative difference, per P: {identical})"
+        )
         emit(lines)
         lines = []
     # rows: the step as the callback runs it; without the replica-gradient sync; with the sync
