@@ -163,6 +163,29 @@ def _row_peak(load_BE: np.ndarray, expert_BNS: np.ndarray) -> np.ndarray:
     )
 
 
+def _pick_rows(
+    tries: list[np.ndarray], previous_BNS: np.ndarray, load_BE: np.ndarray, limit_B: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the packing within the limit that changes fewest slots, else the lowest peak.
+
+    Args:
+        tries: packings ``(B, N, S)`` of the same rows.
+        previous_BNS: ``(B, N, S)`` previous expert of each slot.
+        load_BE: ``(B, E)`` loads.
+        limit_B: ``(B,)`` highest acceptable rank load.
+
+    Returns:
+        ``(expert_BNS, peak_B)`` of the chosen packings.
+    """
+    peaks = np.stack([_row_peak(load_BE, t) for t in tries])
+    moved = np.stack([(t != previous_BNS).sum((1, 2)) for t in tries])
+    worst = previous_BNS[0].size + 1
+    key = np.where(peaks <= limit_B, moved, worst + peaks / np.maximum(peaks.max(0), 1e-300))
+    pick = key.argmin(0)
+    rows = np.arange(len(limit_B))
+    return np.stack(tries)[pick, rows], peaks[pick, rows]
+
+
 def _layer_max(value_B: np.ndarray, rows_per_layer: int) -> np.ndarray:
     """``(B,)`` each row's value replaced by the largest over its run of ``rows_per_layer`` rows."""
     return np.repeat(value_B.reshape(-1, rows_per_layer).max(1), rows_per_layer)
@@ -206,32 +229,37 @@ def solve_flat(
     warm_target_B = np.maximum(bound_B, fresh_peak_B) * (1 + tolerance_B)
     if rows_per_layer > 1:
         warm_target_B = _layer_max(warm_target_B, rows_per_layer)
-    warm = _warm(previous_BNS, load_BE, sticky_counts(previous_BNS, load_BE, count_BE), warm_target_B)
     limit_B = warm_target_B * (1 + FALLBACK_TOLERANCE)
-    worse = np.nonzero(warm.rank_load.max(1) > limit_B)[0]
+    sticky_BE = sticky_counts(previous_BNS, load_BE, count_BE)
+    # cycles fix most overloaded ranks for fewest slots with few slots per rank; with many
+    # the swaps alone sometimes do better: each row keeps the better of the two
+    out_BNS, peak_B = _pick_rows(
+        [
+            _warm(previous_BNS, load_BE, sticky_BE, warm_target_B).expert,
+            _warm(previous_BNS, load_BE, sticky_BE, warm_target_B, cycles=False).expert,
+        ],
+        previous_BNS,
+        load_BE,
+        limit_B,
+    )
+    worse = np.nonzero(peak_B > limit_B)[0]
     if len(worse):
-        # a cover can leave a few rows stuck where another start would not: retry them with
-        # water-filling counts, the other deal, or swaps alone, and keep per row the result
-        # within the limit that changes fewest slots (else the lowest peak)
+        # a few rows can stay stuck where another start would not: retry them with
+        # water-filling counts or the other deal
         sub_prev, sub_load, sub_target = previous_BNS[worse], load_BE[worse], warm_target_B[worse]
-        sub_sticky, sub_water = sticky_counts(sub_prev, sub_load, count_BE[worse]), count_BE[worse]
-        tries = [
-            warm.expert[worse],
-            _warm(sub_prev, sub_load, sub_water, sub_target).expert,
-            _warm(sub_prev, sub_load, sub_sticky, sub_target, best_fit=False).expert,
-            _warm(sub_prev, sub_load, sub_water, sub_target, cycles=False).expert,
-        ]
-        peaks = np.stack([_row_peak(sub_load, t) for t in tries])
-        moved = np.stack([(t != sub_prev).sum((1, 2)) for t in tries])
-        rank_key = np.where(
-            peaks <= limit_B[worse], moved, num_slots + peaks / np.maximum(peaks.max(0), 1e-300)
+        sub_water = count_BE[worse]
+        out_BNS[worse], peak_B[worse] = _pick_rows(
+            [
+                out_BNS[worse],
+                _warm(sub_prev, sub_load, sub_water, sub_target).expert,
+                _warm(sub_prev, sub_load, sticky_BE[worse], sub_target, best_fit=False).expert,
+                _warm(sub_prev, sub_load, sub_water, sub_target, cycles=False).expert,
+            ],
+            sub_prev,
+            sub_load,
+            limit_B[worse],
         )
-        pick = rank_key.argmin(0)
-        warm.expert[worse] = np.stack(tries)[pick, np.arange(len(worse))]
-        peak_B = warm.rank_load.max(1)
-        peak_B[worse] = peaks[pick, np.arange(len(worse))]
         worse = np.nonzero(peak_B > limit_B)[0]
-    out_BNS = warm.expert
     if len(worse):
         out_BNS[worse] = _match_ranks(fresh.expert[worse], previous_BNS[worse], num_experts)
     return out_BNS.reshape(num_rows, num_slots)
