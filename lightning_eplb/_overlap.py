@@ -25,6 +25,30 @@ import torch
 import torch.distributed as dist
 
 
+def build_overlap(
+    layers: list[Any], wanted: bool, group: dist.ProcessGroup | None
+) -> tuple[ReplicaSyncOverlap | None, dist.ProcessGroup | None]:
+    """The overlap for the layers that support it, and its process group (created on first
+    use: every rank must call this at the same point, e.g. in the callback's ``setup``)."""
+    layers = [layer for layer in layers if supports_overlap(layer)]
+    if not wanted or not layers:
+        return None, group
+    if group is None:
+        group = dist.new_group(ranks=list(range(dist.get_world_size())))
+    return ReplicaSyncOverlap(layers, group), group
+
+
+def will_step(trainer: Any, pl_module: Any) -> bool:
+    """Whether the coming backward ends in an optimizer step (automatic optimization, one
+    optimizer, not an accumulating micro-batch); False when Lightning cannot say."""
+    if not pl_module.automatic_optimization or len(trainer.optimizers) != 1:
+        return False
+    try:
+        return not bool(trainer.fit_loop._should_accumulate())
+    except AttributeError:
+        return False
+
+
 def supports_overlap(layer: Any) -> bool:
     """Whether ``layer`` can start its replica-gradient sync early (our ExpertParallelMoE can;
     a user's layer implementing only the protocol syncs after the backward)."""

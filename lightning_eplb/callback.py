@@ -23,13 +23,13 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_eplb import _callback_utils as utils
 from lightning_eplb import _safety
-from lightning_eplb._overlap import ReplicaSyncOverlap, supports_overlap
+from lightning_eplb._overlap import ReplicaSyncOverlap, build_overlap, will_step
 from lightning_eplb.load import ExpertLoadWindow, WindowLoad, token_statistics
 from lightning_eplb.placement import Placement
 
@@ -228,13 +228,10 @@ class EplbCallback(Callback):
         """Hooks that start replica-gradient syncs during the backward, on a group of their own."""
         if self._overlap is not None:
             self._overlap.remove()
-            self._overlap = None
-        layers = [layer for _, layer in self.layers if supports_overlap(layer)]
-        if stage != "fit" or not self.overlap_grad_sync or self._num_ranks < 2 or not layers:
-            return
-        if self._sync_group is None:  # every rank runs setup: new_group is collective-safe here
-            self._sync_group = dist.new_group(ranks=list(range(self._num_ranks)))
-        self._overlap = ReplicaSyncOverlap(layers, self._sync_group)
+        wanted = stage == "fit" and self.overlap_grad_sync and self._num_ranks > 1
+        self._overlap, self._sync_group = build_overlap(
+            [lay for _, lay in self.layers], wanted, self._sync_group
+        )
 
     def _verify_ranks_agree(self, trainer: pl.Trainer) -> None:
         """Compare a fingerprint of the callback's arguments, the world size and the layers'
@@ -297,14 +294,9 @@ class EplbCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
     ) -> None:
         """Arm the overlapped replica sync for a backward that ends in an optimizer step."""
-        if self._overlap is None or not pl_module.automatic_optimization or len(trainer.optimizers) != 1:
-            return
-        try:
-            accumulating = bool(trainer.fit_loop._should_accumulate())
-        except AttributeError:  # a Lightning without it: sync after the backward instead
-            return
-        if not accumulating and self._holds_expert_params(trainer.optimizers[0]):
-            self._overlap.arm()
+        if self._overlap is not None and will_step(trainer, pl_module):
+            if self._holds_expert_params(trainer.optimizers[0]):
+                self._overlap.arm()
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -370,8 +362,6 @@ class EplbCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, load: WindowLoad, step: int
     ) -> None:
         """Policy, broadcast, migration, new placement buffers, logs. Collective."""
-        from lightning_eplb.placement import rebalance
-
         start = time.perf_counter()
         num_logical = int(self.layers[0][1].num_logical_experts)
         load_LE = load.logical_LE.to("cpu", torch.float64)
@@ -379,7 +369,6 @@ class EplbCallback(Callback):
             [layer.physical_to_logical.detach().to("cpu", torch.int64) for _, layer in self.layers]
         )
         old = Placement.from_physical_to_logical(old_LP, num_logical, self._num_ranks)
-        error: Exception | None = None
         empty = not bool(load_LE.sum() > 0)  # identical on every rank (all-reduced counts)
         if empty and not self._warned_empty:
             self._warned_empty = True
@@ -387,27 +376,17 @@ class EplbCallback(Callback):
                 f"EPLB step {step}: no tokens were routed in the last {int(load.num_steps)} steps; "
                 "keeping the placement (warned once)"
             )
-        try:
-            proposal_LP = (
-                old_LP
-                if empty
-                else rebalance(
-                    load_LE,
-                    old.num_physical,
-                    self._num_ranks,
-                    num_nodes=self._num_nodes,
-                    num_groups=self._num_groups,
-                    previous=old_LP,
-                    policy=self.policy,
-                ).physical_to_logical
-            )
-        except Exception as exc:  # every rank must still reach the broadcast
-            error, proposal_LP = exc, old_LP
-        new_LP = utils.broadcast_from_rank_zero(proposal_LP, load.slot_LP.device, failed=error is not None)
-        if new_LP is None:  # the policy failed on rank 0: stop every rank with its message
-            if error is not None:
-                raise error
-            raise RuntimeError(f"EPLB step {step}: the placement policy failed on rank 0 (see its traceback)")
+        new_LP = utils.propose_placement(
+            None if empty else load_LE,
+            old_LP,
+            old.num_physical,
+            self._num_ranks,
+            self._num_nodes,
+            self._num_groups,
+            self.policy,
+            load.slot_LP.device,
+            step,
+        )
         new = Placement.from_physical_to_logical(new_LP, num_logical, self._num_ranks)
         before, after = old.balancedness(load_LE), new.balancedness(load_LE)
         measured = float(token_statistics(load.slot_LP, self._num_ranks, load.num_steps).balancedness)
@@ -454,20 +433,15 @@ class EplbCallback(Callback):
             "skipped": float(skipped),
         }
         self.rearrangements.append(record)
-        utils.log_event(trainer, {f"eplb/rearrangement/{k}": v for k, v in record.items() if k != "step"})
-        if self._trace_writer is not None:
-            self._trace_writer.add_window(step, load_LE)
-            self._trace_writer.add_rearrangement(
-                step, old_LP, old_LP if skipped else new_LP, before, after, int(total_sent), seconds
-            )
-        if self.plot:
-            utils.plot_rearrangement(
-                trainer, load_LE, old_LP, old_LP if skipped else new_LP, self._num_ranks, step
-            )
-        verb = "kept the placement (gain below min_improvement)" if skipped else f"moved {changed} slots"
-        rank_zero_info(
-            f"EPLB step {step}: predicted balancedness {before:.3f} -> {after:.3f} (measured {measured:.3f}); "
-            f"{verb}, {total_sent / 1e6:.1f} MB sent in {seconds:.2f} s"
+        utils.report_rearrangement(
+            trainer,
+            record,
+            load_LE,
+            old_LP,
+            old_LP if skipped else new_LP,
+            self._num_ranks,
+            self._trace_writer,
+            self.plot,
         )
 
     # ------------------------------------------------------------------ checkpoints
