@@ -181,14 +181,37 @@ def find_layers(pl_module: pl.LightningModule) -> list[tuple[str, Any]]:
         if is_balanceable(module) and not any(name.startswith(f"{n}.") for n, _ in layers if n):
             layers.append((name, module))
     if not layers:
-        hint = ""
-        if pl.utilities.model_helpers.is_overridden("configure_model", pl_module):
-            hint = " Layers built in configure_model() come too late: build them in __init__ or setup()."
+        late = pl.utilities.model_helpers.is_overridden("configure_model", pl_module)
         raise MisconfigurationException(
             f"EplbCallback found no balanceable MoE layer (lightning_eplb.BalanceableMoE) in "
-            f"{type(pl_module).__name__}: add an ExpertParallelMoE or remove the callback.{hint}"
+            f"{type(pl_module).__name__}{' after configure_model()' if late else ''}: add an "
+            "ExpertParallelMoE or remove the callback."
         )
     return layers
+
+
+def defer_to_configure_model(pl_module: pl.LightningModule, then: Callable[[], None]) -> bool:
+    """When the module has no balanceable layer yet but overrides ``configure_model``, make
+    its ``configure_model`` call ``then()`` right after itself (once) and return True.
+
+    Lightning calls ``configure_model`` after the callbacks' ``setup`` and before the
+    strategy wraps the model (DDP), which is where the callback's setup must happen.
+    """
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    from lightning_eplb.protocol import is_balanceable
+
+    if any(is_balanceable(m) for m in pl_module.modules()) or not is_overridden("configure_model", pl_module):
+        return False
+    original = pl_module.configure_model
+
+    def configure_model_then_eplb() -> None:
+        del pl_module.configure_model  # back to the class's method for later calls
+        original()
+        then()
+
+    pl_module.configure_model = configure_model_then_eplb  # type: ignore[method-assign]
+    return True
 
 
 def check_strategy(strategy: Any) -> None:

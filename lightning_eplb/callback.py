@@ -193,8 +193,15 @@ class EplbCallback(Callback):
         expert tensors from DDP and build the load window.
 
         Every check uses only what is identical on every rank and runs before the first
-        collective, so a misconfiguration raises on all ranks together.
+        collective, so a misconfiguration raises on all ranks together. Layers built in
+        ``configure_model`` (which Lightning calls after this hook, before wrapping the
+        model in DDP) are set up right after it.
         """
+        if utils.defer_to_configure_model(pl_module, lambda: self._setup_layers(trainer, pl_module, stage)):
+            return
+        self._setup_layers(trainer, pl_module, stage)
+
+    def _setup_layers(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.layers = utils.find_layers(pl_module)
         num_ranks = int(trainer.world_size)
         utils.check_strategy(trainer.strategy)

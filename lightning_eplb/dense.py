@@ -36,9 +36,11 @@ def init_logical_experts(
     """
     gen = torch.Generator().manual_seed(int(seed))
     bound_h, bound_f = 1.0 / math.sqrt(hidden_size), 1.0 / math.sqrt(ffn_hidden_size)
-    w1 = (torch.rand(num_experts, ffn_hidden_size, hidden_size, generator=gen) * 2 - 1) * bound_h
-    w3 = (torch.rand(num_experts, ffn_hidden_size, hidden_size, generator=gen) * 2 - 1) * bound_h
-    w2 = (torch.rand(num_experts, hidden_size, ffn_hidden_size, generator=gen) * 2 - 1) * bound_f
+    # explicit: under a device or default-dtype context (Lightning's configure_model) too
+    cpu: dict = {"generator": gen, "device": "cpu", "dtype": torch.float32}
+    w1 = (torch.rand(num_experts, ffn_hidden_size, hidden_size, **cpu) * 2 - 1) * bound_h
+    w3 = (torch.rand(num_experts, ffn_hidden_size, hidden_size, **cpu) * 2 - 1) * bound_h
+    w2 = (torch.rand(num_experts, hidden_size, ffn_hidden_size, **cpu) * 2 - 1) * bound_f
     return w1, w3, w2
 
 
@@ -89,7 +91,8 @@ class DenseMoE(nn.Module):
         if init_seed is None:
             init_seed = int(torch.randint(0, 2**62, (1,)).item())
         w1, w3, w2 = init_logical_experts(num_experts, hidden_size, ffn_hidden_size, init_seed)
-        self.w1, self.w3, self.w2 = nn.Parameter(w1), nn.Parameter(w3), nn.Parameter(w2)
+        like = {"device": self.gate.weight.device, "dtype": self.gate.weight.dtype}
+        self.w1, self.w3, self.w2 = (nn.Parameter(w.to(**like)) for w in (w1, w3, w2))
 
     @classmethod
     def from_expert_parallel(cls, layer: ExpertParallelMoE) -> DenseMoE:

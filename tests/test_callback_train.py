@@ -71,6 +71,27 @@ class _Net(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.lr)
 
 
+class _LateNet(_Net):
+    """The same model with its MoE layers built in ``configure_model`` (after the callback's
+    ``setup``, inside Lightning's init contexts): gates copied from ``_Net``'s, experts from
+    the same seeds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._gates = [m.gate.weight.detach().clone() for m in self.moes]
+        del self.moes
+
+    def configure_model(self) -> None:
+        if hasattr(self, "moes"):
+            return
+        self.moes = nn.ModuleList(
+            ExpertParallelMoE(H, F, E, TOP_K, num_redundant_experts=2, init_seed=10 + i) for i in range(2)
+        )
+        with torch.no_grad():
+            for moe, gate in zip(self.moes, self._gates, strict=True):
+                moe.gate.weight.copy_(gate)
+
+
 class _Plain(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
@@ -190,6 +211,13 @@ def _runs(world_size: int, tmp: str) -> dict:
     out["accumulate_launches"] = len(launches)
     out["accumulate"], out["computes"] = _global_losses(model, 2), len(calls)
     out["rotated"] = sum(r["slots_changed"] for r in cb.rearrangements)
+    # layers built in configure_model: set up right after it, before DDP wraps the model
+    model = _LateNet()
+    cb = EplbCallback(step_interval=2, window_size=3, min_improvement=0.0, log_every_n_steps=1)
+    _fit(model, world_size, tmp, [cb])
+    out["late"], out["late_records"] = _global_losses(model), cb.rearrangements
+    out["late_rearrangements"] = cb.num_rearrangements
+    out["late_slots"] = model.moes[0].num_local_experts
     return out
 
 
@@ -239,6 +267,10 @@ def test_training_unchanged_by_eplb_on_one_and_two_ranks(tmp_path):
         assert run["resumed_rearrangements"] == run["rearrangements"]
         assert run["rotated"] == 4 * 2 * 6  # 4 rearrangements x 2 layers x 6 slots
         assert run["computes"] == 4
+        torch.testing.assert_close(run["late"], expected, rtol=1e-9, atol=0)
+        assert [r["step"] for r in run["late_records"]] == [2.0, 4.0, 6.0, 8.0]
+    assert two["late_rearrangements"] > 0  # experts really moved
+    assert (one["late_slots"], two["late_slots"]) == (E + 2, (E + 2) // 2)
     # the replica sync overlapped the backward: once per layer per optimizer step (never on an
     # accumulating micro-batch), bit-identical (the losses above); one process has nothing to sync
     assert (two["launches"], two["accumulate_launches"]) == (8 * 2, 8 * 2)
