@@ -16,7 +16,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
@@ -415,88 +415,3 @@ def log_event(trainer: pl.Trainer, values: dict[str, float]) -> None:
     step = int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
     for logger in trainer.loggers:
         logger.log_metrics(values, step=step)
-
-
-def report_rearrangement(
-    trainer: pl.Trainer,
-    record: dict[str, float],
-    load_LE: Tensor,
-    old_LP: Tensor,
-    new_LP: Tensor,
-    num_ranks: int,
-    trace_writer: Any,
-    plot: bool,
-) -> None:
-    """Log a rearrangement's record, add it to the trace, draw it, and say it on rank 0.
-
-    Args:
-        record: the values of ``EplbCallback.rearrangements`` for this step.
-        load_LE: ``(L, E)`` the window's load.
-        old_LP, new_LP: ``(L, P)`` placements before and after (equal when skipped).
-    """
-    step = int(record["step"])
-    log_event(trainer, {f"eplb/rearrangement/{k}": v for k, v in record.items() if k != "step"})
-    before, after = record["balancedness_before"], record["balancedness_after"]
-    if trace_writer is not None:
-        trace_writer.add_window(step, load_LE)
-        trace_writer.add_rearrangement(
-            step, old_LP, new_LP, before, after, int(record["bytes_sent"]), record["seconds"]
-        )
-    if plot:
-        plot_rearrangement(trainer, load_LE, old_LP, new_LP, num_ranks, step)
-    changed = int(record["slots_changed"])
-    verb = (
-        "kept the placement (gain below min_improvement)" if record["skipped"] else f"moved {changed} slots"
-    )
-    rank_zero_info(
-        f"EPLB step {step}: predicted balancedness {before:.3f} -> {after:.3f} "
-        f"(measured {record['balancedness_measured']:.3f}); "
-        f"{verb}, {record['bytes_sent'] / 1e6:.1f} MB sent in {record['seconds']:.2f} s"
-    )
-
-
-def propose_placement(
-    load_LE: Tensor | None,
-    old_LP: Tensor,
-    num_physical: int,
-    num_ranks: int,
-    num_nodes: int,
-    num_groups: int,
-    policy: Any,
-    device: torch.device,
-    step: int,
-) -> Tensor:
-    """Run the policy from ``old_LP`` on rank 0's view and broadcast its ``(L, P)`` result.
-
-    Every rank reaches the broadcast even when the policy raises; a failure on rank 0
-    stops every rank (rank 0 with its own error).
-
-    Args:
-        load_LE: ``(L, E)`` float64 window load, or None to keep ``old_LP`` (no tokens).
-        old_LP: ``(L, P)`` current placement.
-    """
-    from lightning_eplb.placement import rebalance
-
-    error: Exception | None = None
-    try:
-        proposal_LP = (
-            old_LP
-            if load_LE is None
-            else rebalance(
-                load_LE,
-                num_physical,
-                num_ranks,
-                num_nodes=num_nodes,
-                num_groups=num_groups,
-                previous=old_LP,
-                policy=policy,
-            ).physical_to_logical
-        )
-    except Exception as exc:  # every rank must still reach the broadcast
-        error, proposal_LP = exc, old_LP
-    new_LP = broadcast_from_rank_zero(proposal_LP, device, failed=error is not None)
-    if new_LP is None:  # the policy failed on rank 0: stop every rank with its message
-        if error is not None:
-            raise error
-        raise RuntimeError(f"EPLB step {step}: the placement policy failed on rank 0 (see its traceback)")
-    return new_LP

@@ -15,7 +15,6 @@ placement broadcast from rank 0), so ranks never disagree about when to communic
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +29,7 @@ from typing_extensions import override
 from lightning_eplb import _callback_utils as utils
 from lightning_eplb import _safety
 from lightning_eplb._overlap import ReplicaSyncOverlap, build_overlap, will_step
+from lightning_eplb._rearrange import rearrange
 from lightning_eplb.load import ExpertLoadWindow, WindowLoad, token_statistics
 from lightning_eplb.placement import Placement
 
@@ -369,87 +369,7 @@ class EplbCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, load: WindowLoad, step: int
     ) -> None:
         """Policy, broadcast, migration, new placement buffers, logs. Collective."""
-        start = time.perf_counter()
-        num_logical = int(self.layers[0][1].num_logical_experts)
-        load_LE = load.logical_LE.to("cpu", torch.float64)
-        old_LP = torch.stack(
-            [layer.physical_to_logical.detach().to("cpu", torch.int64) for _, layer in self.layers]
-        )
-        old = Placement.from_physical_to_logical(old_LP, num_logical, self._num_ranks)
-        empty = not bool(load_LE.sum() > 0)  # identical on every rank (all-reduced counts)
-        if empty and not self._warned_empty:
-            self._warned_empty = True
-            rank_zero_warn(
-                f"EPLB step {step}: no tokens were routed in the last {int(load.num_steps)} steps; "
-                "keeping the placement (warned once)"
-            )
-        new_LP = utils.propose_placement(
-            None if empty else load_LE,
-            old_LP,
-            old.num_physical,
-            self._num_ranks,
-            self._num_nodes,
-            self._num_groups,
-            self.policy,
-            load.slot_LP.device,
-            step,
-        )
-        new = Placement.from_physical_to_logical(new_LP, num_logical, self._num_ranks)
-        before, after = old.balancedness(load_LE), new.balancedness(load_LE)
-        measured = float(token_statistics(load.slot_LP, self._num_ranks, load.num_steps).balancedness)
-        changed = new.num_changed_slots(old)
-        skipped = changed == 0 or after - before < self.min_improvement or empty
-        sent = received = 0
-        move_seconds = 0.0
-        if not skipped:
-            try:
-                stats = utils.migrate(
-                    trainer,
-                    self.layers,
-                    old_LP,
-                    new_LP,
-                    self.max_buffer_bytes,
-                    self._num_nodes,
-                    self.migrate_optimizer_state,
-                    device=load.slot_LP.device,
-                )
-            except _safety.MigrationError as exc:
-                if exc.half_done:
-                    self._broken = f"step {step}: {exc}"
-                raise
-            sent, received, move_seconds = stats.bytes_sent, stats.bytes_received, stats.seconds
-            for row, (_, layer) in enumerate(self.layers):
-                layer.set_placement(
-                    new.physical_to_logical[row], new.logical_to_physical[row], new.logical_replica_count[row]
-                )
-            self.num_rearrangements += 1
-            self.last_rearrangement_step = step
-        total_sent, max_received, seconds, move_seconds = utils.reduce_stats(
-            sent, received, time.perf_counter() - start, move_seconds, load.slot_LP.device
-        )
-        record = {
-            "step": float(step),
-            "balancedness_before": before,
-            "balancedness_after": after,
-            "balancedness_measured": measured,
-            "slots_changed": float(0 if skipped else changed),
-            "bytes_sent": total_sent,
-            "bytes_received_max": max_received,
-            "seconds": seconds,
-            "migration_seconds": move_seconds,
-            "skipped": float(skipped),
-        }
-        self.rearrangements.append(record)
-        utils.report_rearrangement(
-            trainer,
-            record,
-            load_LE,
-            old_LP,
-            old_LP if skipped else new_LP,
-            self._num_ranks,
-            self._trace_writer,
-            self.plot,
-        )
+        rearrange(self, trainer, load, step)
 
     # ------------------------------------------------------------------ checkpoints
     @override

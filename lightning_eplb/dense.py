@@ -91,8 +91,8 @@ class DenseMoE(nn.Module):
         if init_seed is None:
             init_seed = int(torch.randint(0, 2**62, (1,)).item())
         w1, w3, w2 = init_logical_experts(num_experts, hidden_size, ffn_hidden_size, init_seed)
-        like = {"device": self.gate.weight.device, "dtype": self.gate.weight.dtype}
-        self.w1, self.w3, self.w2 = (nn.Parameter(w.to(**like)) for w in (w1, w3, w2))
+        device, dtype = self.gate.weight.device, self.gate.weight.dtype
+        self.w1, self.w3, self.w2 = (nn.Parameter(w.to(device, dtype)) for w in (w1, w3, w2))
 
     @classmethod
     def from_expert_parallel(cls, layer: ExpertParallelMoE) -> DenseMoE:

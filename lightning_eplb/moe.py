@@ -141,10 +141,10 @@ class ExpertParallelMoE(nn.Module):
         w1, w3, w2 = init_logical_experts(num_experts, hidden_size, ffn_hidden_size, self.init_seed)
         # drawn on CPU in float32 (the same values whatever the context), then placed like
         # the gate: the default dtype and device, e.g. inside Lightning's configure_model
-        like = {"device": self.gate.weight.device, "dtype": self.gate.weight.dtype}
-        self.w1 = nn.Parameter(w1.index_select(0, p2l_P).to(**like))
-        self.w3 = nn.Parameter(w3.index_select(0, p2l_P).to(**like))
-        self.w2 = nn.Parameter(w2.index_select(0, p2l_P).to(**like))
+        device, dtype = self.gate.weight.device, self.gate.weight.dtype
+        self.w1 = nn.Parameter(w1.index_select(0, p2l_P).to(device, dtype))
+        self.w3 = nn.Parameter(w3.index_select(0, p2l_P).to(device, dtype))
+        self.w2 = nn.Parameter(w2.index_select(0, p2l_P).to(device, dtype))
 
         self._ep_group: dist.ProcessGroup | None = None
         self._ep_size, self._ep_rank, self._is_setup = 1, 0, False

@@ -52,9 +52,9 @@ def _run(rank: int, n: int) -> None:
     group = dist.new_group(ranks=list(range(n)))
     overlap = ReplicaSyncOverlap(layers, group)
     launched: list[int] = []
-    for layer in layers:
+    for i, layer in enumerate(layers):
         start = layer.start_replica_grad_sync
-        layer.start_replica_grad_sync = lambda g=None, s=start, i=id(layer): launched.append(i) or s(g)
+        layer.start_replica_grad_sync = lambda g=None, s=start, i=i: launched.append(i) or s(g)
     x = torch.randn(5, H, generator=torch.Generator().manual_seed(rank))
     for twice, skip in ((None, None), (1, None), (None, 0)):
         where = f"twice={twice}, skip={skip}, rank {rank}"
