@@ -415,3 +415,29 @@ def log_event(trainer: pl.Trainer, values: dict[str, float]) -> None:
     step = int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
     for logger in trainer.loggers:
         logger.log_metrics(values, step=step)
+
+
+def convert_weights_only_saves(callback: Any, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Make weights-only checkpoints placement-free too.
+
+    For ``save_checkpoint(weights_only=True)`` (and ``ModelCheckpoint(save_weights_only=True)``)
+    Lightning calls no callback hook, only the LightningModule's ``on_save_checkpoint``, on
+    every rank: the module's hook is wrapped (on this instance, until :func:`restore_module_save`)
+    to convert the expert weights to logical layout after the user's own hook. A full
+    checkpoint, already converted by the callback's hook, passes unchanged.
+    """
+    restore_module_save(pl_module)
+    original = pl_module.on_save_checkpoint
+
+    def on_save_checkpoint(checkpoint: dict[str, Any]) -> None:
+        original(checkpoint)
+        checkpoint_hook("save_expert_state")(callback, trainer, pl_module, checkpoint)
+
+    on_save_checkpoint._eplb_wrapper = True  # type: ignore[attr-defined]
+    pl_module.on_save_checkpoint = on_save_checkpoint  # type: ignore[method-assign]
+
+
+def restore_module_save(pl_module: pl.LightningModule) -> None:
+    """Undo :func:`convert_weights_only_saves`."""
+    if getattr(pl_module.__dict__.get("on_save_checkpoint"), "_eplb_wrapper", False):
+        del pl_module.on_save_checkpoint

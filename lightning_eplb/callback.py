@@ -172,6 +172,7 @@ class EplbCallback(Callback):
         self._overlap: ReplicaSyncOverlap | None = None
         self._sync_group: Any = None
         self._synced: set[int] = set()  # id of layers whose replica sync finished this step
+        self._module: pl.LightningModule | None = None  # its on_save_checkpoint is wrapped
 
     # ------------------------------------------------------------------ schedule
     def is_rearrangement_step(self, step: int) -> bool:
@@ -221,6 +222,8 @@ class EplbCallback(Callback):
         utils.ignore_in_ddp(pl_module, self.layers)
         # a checkpoint of another model shape fails with a clear ValueError at weight loading
         utils.checkpoint_hook("install_load_checks")(pl_module, self.layers)
+        utils.convert_weights_only_saves(self, trainer, pl_module)
+        self._module = pl_module
         self._expert_param_ids = {id(p) for _, layer in self.layers for p in layer.expert_tensors()}
         self._holds_experts = {}
         self._setup_overlap(stage)
@@ -446,6 +449,9 @@ class EplbCallback(Callback):
         if self._overlap is not None:
             self._overlap.remove()
             self._overlap = None
+        if self._module is not None:
+            utils.restore_module_save(self._module)
+            self._module = None
         if self._clip_norm is not None:
             trainer.gradient_clip_val = self._clip_norm
             self._clip_norm = None

@@ -172,6 +172,15 @@ def _fit(rank: int, world_size: int, root: Path, tag: str, ckpt: Path | None) ->
         callbacks.append(
             pl.callbacks.ModelCheckpoint(dirpath=root / "ckpt", filename="{epoch}", save_top_k=-1)
         )
+        callbacks.append(  # Lightning calls no callback hook for these: still placement-free
+            pl.callbacks.ModelCheckpoint(
+                dirpath=root / "weights",
+                filename="{epoch}",
+                save_top_k=-1,
+                save_weights_only=True,
+                every_n_train_steps=6,  # an epoch; also gives it its own state key
+            )
+        )
     else:
         callbacks.append(_RestoreProbe(ckpt))
     trainer = _trainer(world_size, root, 2, callbacks)
@@ -252,6 +261,18 @@ def test_checkpoint_contents_and_plain_loading(trained: Path) -> None:
         assert torch.equal(layer.physical_to_logical, meta["placement"][int(name[-1])])
         for tname, w in zip(("w1", "w3", "w2"), layer.gather_logical(layer.expert_tensors()), strict=True):
             assert torch.equal(w, final[f"{name}.{tname}"])
+    # a weights-only checkpoint (end of the last epoch): logical weights, no optimizer state
+    weights = torch.load(trained / "weights" / "epoch=1.ckpt", weights_only=False)
+    assert "optimizer_states" not in weights and weights["eplb"]["optimizers"] == []
+    assert torch.equal(weights["eplb"]["placement"], meta["placement"])
+    for entry in meta["optimizers"][0]:
+        name = f"{entry['layer']}.{entry['tensor']}"
+        assert torch.equal(weights["state_dict"][name], final[name])
+    fresh = _Net()
+    fresh.load_state_dict(weights["state_dict"])
+    for (_, a), (_, b) in zip(_layers(fresh), _layers(ref), strict=True):
+        for wa, wb in zip(a.expert_tensors(), b.expert_tensors(), strict=True):
+            assert torch.equal(wa, wb)
     # and into the dense reference model
     dense = _DenseNet()
     dense.load_state_dict(to_dense_state_dict(ckpt))
