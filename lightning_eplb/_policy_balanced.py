@@ -13,10 +13,12 @@
    overloaded ranks are first fixed along cycles, one changed slot per touched rank
    (:func:`~lightning_eplb._warm.cycle_cover`, ``COVER_PASSES`` times), then by swaps that
    keep the partner under the target (:func:`~lightning_eplb._warm.drain`), then by swaps
-   scored by the excess they remove (ties to swaps changing fewer slots). A row whose warm
-   result stays more than ``FALLBACK_TOLERANCE`` above its target is retried (water-filling
-   counts, with and without cycles), then takes the fresh packing, its ranks renamed to
-   overlap the previous placement most.
+   scored by the excess they remove (ties to swaps changing fewer slots). Each row keeps
+   the better of this and those last swaps alone: fewer changed slots among results
+   within ``FALLBACK_TOLERANCE`` above the target (the swaps alone win at many slots per
+   rank). A row above that is retried (water-filling counts, the other deal, swaps alone),
+   then takes the fresh packing, its ranks renamed to overlap the previous placement
+   most.
 4. With a previous placement, a layer whose previous row is valid and no less balanced
    than the result keeps the previous row unchanged.
 

@@ -16,7 +16,9 @@ every level ``x`` lies in at least as many *room intervals* ``(a_u, a_u + s_u]``
 largest excess first: an excess interval goes where existing room intervals already cover
 it, else it opens the room intervals (up to ``MAX_OPENS``, top-down) that cover the rest;
 slots that already differ from the previous placement cost nothing. The levels are the
-interval ends (exact, no grid). All rows of a batch advance together.
+interval ends (exact, no grid). All rows of a batch advance together. The items are then
+dealt by best fit in increasing order of caps (:func:`_deal`), which leaves the unused room
+on few ranks, where a second pass can use it.
 
 :func:`drain` then swaps items off the heaviest rank of each row that is still above the
 target, never pushing the partner above it.
