@@ -11,14 +11,16 @@
    From a previous placement the target is looser: above a fresh packing's heaviest rank
    by its own gap to the bound, clipped to ``[MIN_WARM_TOLERANCE, WARM_TOLERANCE]``. The
    overloaded ranks are first fixed along cycles, one changed slot per touched rank
-   (:func:`~lightning_eplb._warm.cycle_cover`, ``COVER_PASSES`` times), then by swaps that
+   (:func:`~lightning_eplb._warm.cycle_cover`, twice), then by swaps that
    keep the partner under the target (:func:`~lightning_eplb._warm.drain`), then by swaps
-   scored by the excess they remove (ties to swaps changing fewer slots). Each row keeps
-   the better of this and those last swaps alone: fewer changed slots among results
-   within ``FALLBACK_TOLERANCE`` above the target (the swaps alone win at many slots per
-   rank). A row above that is retried (water-filling counts, the other deal, swaps alone),
-   then takes the fresh packing, its ranks renamed to overlap the previous placement
-   most.
+   scored by the excess they remove (ties to swaps changing fewer slots)
+   (:func:`~lightning_eplb._warm_choice.warm_start`). Flat layers spend the tolerance as one
+   budget: each runs at a lower and (where it moved most) a higher target, plus swaps alone
+   with many slots per rank, and keeps the result that spends the summed budget where it
+   saves most slots (:func:`~lightning_eplb._warm_choice.flat_warm`). Rows of a
+   hierarchical layer keep the better of cycles and swaps alone at the layer's target. A
+   row above its limit is retried (other counts, the other deal, swaps alone), then takes
+   the fresh packing, its ranks renamed to overlap the previous placement most.
 4. With a previous placement, a layer whose previous row is valid and no less balanced
    than the result keeps the previous row unchanged.
 
@@ -38,7 +40,8 @@ from __future__ import annotations
 import numpy as np
 
 from lightning_eplb._packing import PackState, improve, kk_pack, repair, replica_counts, replicas, warm_pack
-from lightning_eplb._warm import cycle_cover, drain, sticky_counts
+from lightning_eplb._warm import sticky_counts
+from lightning_eplb._warm_choice import FALLBACK_TOLERANCE, flat_warm, pick_rows, warm_start
 
 __all__ = ["balanced_placement"]
 
@@ -47,14 +50,8 @@ SCRATCH_TOLERANCE = 1e-5
 #: From a previous placement, accept a heaviest rank up to this far above a fresh packing's
 #: (or the lower bound) rather than moving more experts: at most ``WARM_TOLERANCE``, at
 #: least ``MIN_WARM_TOLERANCE``, otherwise the fresh packing's own gap to the lower bound.
-WARM_TOLERANCE = 1.5e-3
+WARM_TOLERANCE = 1.8e-3
 MIN_WARM_TOLERANCE = 5e-4
-#: Passes of :func:`~lightning_eplb._warm.cycle_cover` (the second fixes most of what the
-#: first left over, for few slots).
-COVER_PASSES = 2
-#: A flat row whose warm result stays more than this above its warm target is retried with
-#: water-filling counts, then takes the fresh packing (which changes most of its slots).
-FALLBACK_TOLERANCE = 1e-3
 
 
 def _lower_bound(load_BE: np.ndarray, count_BE: np.ndarray, num_ranks: int) -> np.ndarray:
@@ -123,71 +120,6 @@ def _settle_slots(expert_BNS: np.ndarray, previous_BNS: np.ndarray, num_experts:
     return result
 
 
-def _warm(
-    previous_BNS: np.ndarray,
-    load_BE: np.ndarray,
-    count_BE: np.ndarray,
-    target_B: np.ndarray,
-    cycles: bool = True,
-    best_fit: bool = True,
-) -> PackState:
-    """Packing from a previous one with few changed slots, each row at or near its target.
-
-    With ``cycles`` the overloaded ranks are first fixed along cycles and strict swaps
-    (:mod:`~lightning_eplb._warm`), then by swaps from the heaviest rank; without, by
-    those swaps alone.
-    """
-    warm = warm_pack(previous_BNS, load_BE, count_BE)
-    repair(warm)
-    warm.home = previous_BNS
-    if cycles:
-        for _ in range(COVER_PASSES):
-            cycle_cover(warm, target_B, best_fit)
-        repair(warm)
-        drain(warm, target_B)
-    improve(warm, target_B, few_moves=True)
-    # rows the few-moves scoring left above the target get the balance-first swaps
-    improve(warm, target_B)
-    return warm
-
-
-def _row_peak(load_BE: np.ndarray, expert_BNS: np.ndarray) -> np.ndarray:
-    """``(B,)`` heaviest rank of a flat packing, replicas sharing their expert's load."""
-    num_rows, num_experts = load_BE.shape
-    count_BE = np.zeros((num_rows, num_experts), dtype=np.int64)
-    np.add.at(count_BE, (np.arange(num_rows)[:, None, None], expert_BNS), 1)
-    per_replica_BE = load_BE / np.maximum(count_BE, 1)
-    return (
-        np.take_along_axis(per_replica_BE, expert_BNS.reshape(num_rows, -1), 1)
-        .reshape(expert_BNS.shape)
-        .sum(-1)
-        .max(1)
-    )
-
-
-def _pick_rows(
-    tries: list[np.ndarray], previous_BNS: np.ndarray, load_BE: np.ndarray, limit_B: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, the packing within the limit that changes fewest slots, else the lowest peak.
-
-    Args:
-        tries: packings ``(B, N, S)`` of the same rows.
-        previous_BNS: ``(B, N, S)`` previous expert of each slot.
-        load_BE: ``(B, E)`` loads.
-        limit_B: ``(B,)`` highest acceptable rank load.
-
-    Returns:
-        ``(expert_BNS, peak_B)`` of the chosen packings.
-    """
-    peaks = np.stack([_row_peak(load_BE, t) for t in tries])
-    moved = np.stack([(t != previous_BNS).sum((1, 2)) for t in tries])
-    worst = previous_BNS[0].size + 1
-    key = np.where(peaks <= limit_B, moved, worst + peaks / np.maximum(peaks.max(0), 1e-300))
-    pick = key.argmin(0)
-    rows = np.arange(len(limit_B))
-    return np.stack(tries)[pick, rows], peaks[pick, rows]
-
-
 def _layer_max(value_B: np.ndarray, rows_per_layer: int) -> np.ndarray:
     """``(B,)`` each row's value replaced by the largest over its run of ``rows_per_layer`` rows."""
     return np.repeat(value_B.reshape(-1, rows_per_layer).max(1), rows_per_layer)
@@ -233,35 +165,42 @@ def solve_flat(
         warm_target_B = _layer_max(warm_target_B, rows_per_layer)
     limit_B = warm_target_B * (1 + FALLBACK_TOLERANCE)
     sticky_BE = sticky_counts(previous_BNS, load_BE, count_BE)
-    # cycles fix most overloaded ranks for fewest slots with few slots per rank; with many
-    # the swaps alone sometimes do better: each row keeps the better of the two
-    out_BNS, peak_B = _pick_rows(
-        [
-            _warm(previous_BNS, load_BE, sticky_BE, warm_target_B).expert,
-            _warm(previous_BNS, load_BE, sticky_BE, warm_target_B, cycles=False).expert,
-        ],
-        previous_BNS,
-        load_BE,
-        limit_B,
-    )
-    worse = np.nonzero(peak_B > limit_B)[0]
+    if rows_per_layer == 1 and (fresh_peak_B > 0).all():
+        # each row a layer: spend the summed budget where it saves most slots
+        base_B = np.maximum(bound_B, fresh_peak_B)
+        out_BNS, peak_B, chosen_B = flat_warm(previous_BNS, load_BE, sticky_BE, base_B, tolerance_B)
+        worse = np.nonzero(~chosen_B)[0]
+    else:
+        # cycles fix most overloaded ranks for fewest slots with few slots per rank; with many
+        # the swaps alone sometimes do better: each row keeps the better of the two
+        out_BNS, peak_B = pick_rows(
+            [
+                warm_start(previous_BNS, load_BE, sticky_BE, warm_target_B).expert,
+                warm_start(previous_BNS, load_BE, sticky_BE, warm_target_B, cycles=False).expert,
+            ],
+            previous_BNS,
+            load_BE,
+            limit_B,
+        )
+        worse = np.nonzero(peak_B > limit_B)[0]
     if len(worse):
         # a few rows can stay stuck where another start would not: retry them with
-        # water-filling counts or the other deal
+        # water-filling counts or the other deal (and, for flat rows, the tolerance itself)
         sub_prev, sub_load, sub_target = previous_BNS[worse], load_BE[worse], warm_target_B[worse]
         sub_water = count_BE[worse]
-        out_BNS[worse], peak_B[worse] = _pick_rows(
+        out_BNS[worse], peak_B[worse] = pick_rows(
             [
                 out_BNS[worse],
-                _warm(sub_prev, sub_load, sub_water, sub_target).expert,
-                _warm(sub_prev, sub_load, sticky_BE[worse], sub_target, best_fit=False).expert,
-                _warm(sub_prev, sub_load, sub_water, sub_target, cycles=False).expert,
+                warm_start(sub_prev, sub_load, sticky_BE[worse], sub_target).expert,
+                warm_start(sub_prev, sub_load, sub_water, sub_target).expert,
+                warm_start(sub_prev, sub_load, sticky_BE[worse], sub_target, best_fit=False).expert,
+                warm_start(sub_prev, sub_load, sub_water, sub_target, cycles=False).expert,
             ],
             sub_prev,
             sub_load,
             limit_B[worse],
         )
-        worse = np.nonzero(peak_B > limit_B)[0]
+        worse = worse[peak_B[worse] > limit_B[worse]]
     if len(worse):
         out_BNS[worse] = _match_ranks(fresh.expert[worse], previous_BNS[worse], num_experts)
     return out_BNS.reshape(num_rows, num_slots)

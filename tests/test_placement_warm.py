@@ -9,7 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_eplb._packing import PackState, replica_counts
+from lightning_eplb._policy_balanced import WARM_TOLERANCE
 from lightning_eplb._warm import _deal, cycle_cover, drain, sticky_counts
+from lightning_eplb._warm_choice import FALLBACK_TOLERANCE, HIGH_SHARE
 from lightning_eplb.placement import rebalance
 
 
@@ -146,10 +148,17 @@ def test_warm_changes_few_slots_at_four_slots_per_rank(seed, most_changed):
     warm.validate()
     assert warm.num_changed_slots(first) <= most_changed
     assert warm.balancedness(drifted) >= fresh.balancedness(drifted) - 0.002
-    # every layer within the warm tolerance (and the fallback margin) of the fresh packing
+    _check_warm_peaks(warm, fresh, drifted)
+
+
+def _check_warm_peaks(warm, fresh, drifted) -> None:
+    """Summed over layers the warm peaks stay within the warm tolerance (and the fallback
+    margin) of the fresh packing's; a layer may spend up to ``HIGH_SHARE`` of it."""
     peak_warm = warm.rank_loads(drifted).max(1).values
     peak_fresh = fresh.rank_loads(drifted).max(1).values
-    assert (peak_warm <= peak_fresh * (1 + 1.5e-3) * (1 + 1e-3)).all()
+    margin = 1 + FALLBACK_TOLERANCE
+    assert (peak_warm <= peak_fresh * (1 + HIGH_SHARE * WARM_TOLERANCE) * margin + 1e-9).all()
+    assert peak_warm.sum() <= peak_fresh.sum() * (1 + WARM_TOLERANCE) * margin + 1e-9
 
 
 @settings(max_examples=40, deadline=None)
@@ -173,7 +182,4 @@ def test_warm_from_a_drifted_placement_is_valid_and_near_fresh(
     warm = rebalance(drifted, num_physical, num_ranks, previous=first)
     fresh = rebalance(drifted, num_physical, num_ranks)
     warm.validate()
-    # within the warm tolerance and the fallback margin of a fresh packing, layer by layer
-    peak_warm = warm.rank_loads(drifted).max(1).values
-    peak_fresh = fresh.rank_loads(drifted).max(1).values
-    assert (peak_warm <= peak_fresh * (1 + 1.5e-3) * (1 + 1e-3) + 1e-9).all()
+    _check_warm_peaks(warm, fresh, drifted)
