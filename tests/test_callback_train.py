@@ -18,6 +18,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning_utilities.core.imports import compare_version
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
@@ -25,6 +26,10 @@ from torch.utils.data.distributed import DistributedSampler
 from lightning_eplb import EplbCallback, ExpertParallelMoE
 from lightning_eplb.load import ExpertLoadWindow
 from tests._dist import spawn
+
+# Lightning < 2.5 resumes a checkpoint written in on_train_batch_end one batch behind, for any
+# model (Lightning #18060, fixed by #20379); tests/test_compat_resume.py covers 2.4 instead.
+LIGHTNING_RESUMES_BATCH_END_EXACTLY = compare_version("lightning", lambda a, b: a >= b, "2.5.0")
 
 H, F, E, TOP_K, T = 8, 12, 4, 2, 4  # hidden, ffn, experts, top-k, tokens per sample
 GLOBAL_BATCH, NUM_SAMPLES = 8, 32  # 4 optimizer steps per epoch
@@ -260,11 +265,12 @@ def test_training_unchanged_by_eplb_on_one_and_two_ranks(tmp_path):
         # float64 end to end: equal to rounding, far inside the 1e-4 the issue asks for
         torch.testing.assert_close(run["eplb"], expected, rtol=1e-9, atol=0)
         torch.testing.assert_close(run["accumulate"], expected, rtol=1e-9, atol=0)
-        torch.testing.assert_close(run["resumed"], expected[4:], rtol=1e-9, atol=0)
         assert [r["step"] for r in run["records"]] == [2.0, 4.0, 6.0, 8.0]
-        # the restored window gives the same decisions (only the wall time differs)
-        assert _decisions(run["resumed_records"]) == _decisions(run["records"][2:])
-        assert run["resumed_rearrangements"] == run["rearrangements"]
+        if LIGHTNING_RESUMES_BATCH_END_EXACTLY:
+            torch.testing.assert_close(run["resumed"], expected[4:], rtol=1e-9, atol=0)
+            # the restored window gives the same decisions (only the wall time differs)
+            assert _decisions(run["resumed_records"]) == _decisions(run["records"][2:])
+            assert run["resumed_rearrangements"] == run["rearrangements"]
         assert run["rotated"] == 4 * 2 * 6  # 4 rearrangements x 2 layers x 6 slots
         assert run["computes"] == 4
         torch.testing.assert_close(run["late"], expected, rtol=1e-9, atol=0)
@@ -309,7 +315,12 @@ def test_manual_optimization_and_trace(tmp_path):
         _fit(reference, 1, str(tmp_path), [], clip=None)
         manual = _Manual()
         cb = EplbCallback(
-            step_interval=2, policy=_rotate, min_improvement=-1.0, trace=True, trace_every_n_steps=1, plot=True
+            step_interval=2,
+            policy=_rotate,
+            min_improvement=-1.0,
+            trace=True,
+            trace_every_n_steps=1,
+            plot=True,
         )
         _fit(manual, 1, str(tmp_path), [cb], clip=None)
     finally:

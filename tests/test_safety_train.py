@@ -24,7 +24,13 @@ from lightning_eplb import EplbCallback, migration
 from lightning_eplb import _callback_utils as utils
 from lightning_eplb._safety import MigrationError, RankDisagreementError
 from tests._dist import free_port, spawn
-from tests.test_callback_train import _data, _global_losses, _Net, _rotate
+from tests.test_callback_train import (
+    LIGHTNING_RESUMES_BATCH_END_EXACTLY,
+    _data,
+    _global_losses,
+    _Net,
+    _rotate,
+)
 
 
 def _fit(
@@ -127,7 +133,8 @@ def _run(rank: int, world_size: int, tmp: str, port: int) -> None:
     # the last good checkpoint resumes exactly: same losses as the run without failure
     resumed = _Net()
     _fit(resumed, tmp, [_eplb()], max_steps=8, ckpt_path=os.path.join(tmp, "step=4.ckpt"))
-    torch.testing.assert_close(_global_losses(resumed), expected[4:], rtol=1e-9, atol=0)
+    if LIGHTNING_RESUMES_BATCH_END_EXACTLY:
+        torch.testing.assert_close(_global_losses(resumed), expected[4:], rtol=1e-9, atol=0)
 
     # an uneven last batch: rank 0 has 5 batches an epoch, rank 1 has 4; the global steps stay
     # equal (every step runs the same collectives) but at the step-5 rearrangement rank 0 is
@@ -147,7 +154,9 @@ def _run(rank: int, world_size: int, tmp: str, port: int) -> None:
     # the store gets a generous connect timeout (ranks arrive here at different times); the
     # process group's 5 s timeout is the one under test
     store = dist.TCPStore("127.0.0.1", port, world_size, rank == 0, timeout=timedelta(seconds=60))
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=5))
+    dist.init_process_group(
+        "gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=5)
+    )
     model = _Net()
     layers = [(f"moes.{i}", m) for i, m in enumerate(model.moes)]
     old = torch.stack([m.physical_to_logical for m in model.moes])
