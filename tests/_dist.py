@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -24,6 +25,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+_TEARDOWN_MAY_DEADLOCK = tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 8)
 
 
 def free_port() -> int:
@@ -47,6 +50,18 @@ def _entry(
         dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
     try:
         fn(rank, world_size, *args)
+        if _TEARDOWN_MAY_DEADLOCK and dist.is_initialized():
+            # torch < 2.8: destroy_process_group joins gloo's worker threads while holding the
+            # GIL, and a worker freeing the last reference to a collective's tensor waits for
+            # the GIL: a deadlock now and then (pytorch#154976). Wait for every rank, then
+            # leave without the teardown; the OS closes the sockets.
+            try:
+                dist.barrier()
+            except RuntimeError:  # a worker that left its group unusable on purpose
+                pass
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
