@@ -197,5 +197,7 @@ def flat_warm(
     valid_TB = np.stack(
         [row_peak(load_BE, t) <= g * (1 + FALLBACK_TOLERANCE) for t, g in zip(tries, targets, strict=True)]
     )
-    budget = float((fresh_B * tolerance_B).sum())
+    # only rows that can be chosen here share the budget: the others are retried later with
+    # their own tolerance, so lending their share to these would exceed the summed bound
+    budget = float((fresh_B * tolerance_B)[valid_TB.any(0)].sum())
     return spend_budget(tries, previous_BNS, load_BE, fresh_B, budget, valid_TB)
