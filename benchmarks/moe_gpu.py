@@ -127,6 +127,17 @@ def make_layer(
     return layer.to(device=device, dtype=dtype)
 
 
+def even_layer(device: torch.device, dtype: torch.dtype, redundant: int, backend: str) -> ExpertParallelMoE:
+    """A layer under :func:`even_placement` (equal tokens per rank under uniform routing)."""
+    layer = make_layer(device, dtype, redundant, backend)
+    n = dist.get_world_size()
+    even = even_placement(ARGS.experts, ARGS.experts + redundant, n)
+    layer.set_placement(
+        even.physical_to_logical[0], even.logical_to_physical[0], even.logical_replica_count[0]
+    )
+    return layer
+
+
 def rel_err(got: Tensor, want: Tensor) -> float:
     got, want = got.detach().float(), want.detach().float()
     return float((got - want).norm() / want.norm().clamp_min(1e-30))
@@ -244,6 +255,21 @@ def profile_table(layer: ExpertParallelMoE, device: torch.device, dtype: torch.d
     return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
 
 
+def timed(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> float:
+    """Mean seconds of ``step()`` over ``iters`` calls after ``warmup``, max over ranks."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    sync(device)
+    elapsed = torch.tensor([(time.perf_counter() - start) / max(iters, 1)], device=device)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    return float(elapsed)
+
+
 def step_time(
     layer: ExpertParallelMoE, device: torch.device, dtype: torch.dtype, with_sync: bool = True
 ) -> float:
@@ -252,43 +278,35 @@ def step_time(
     x = torch.randn(ARGS.tokens, ARGS.hidden, generator=gen).to(device, dtype).requires_grad_()
     gy = torch.randn(ARGS.tokens, ARGS.hidden, generator=gen).to(device, dtype)
     layer.train()
-    start = 0.0
-    for i in range(ARGS.warmup + ARGS.iters):
-        if i == ARGS.warmup:
-            sync(device)
-            dist.barrier()
-            start = time.perf_counter()
+
+    def step() -> None:
         layer.zero_grad(set_to_none=True)
         x.grad = None
         layer(x).backward(gy)
         if with_sync:
             layer.sync_replica_grads()
         layer.reset_expert_load()
-    sync(device)
-    elapsed = torch.tensor([(time.perf_counter() - start) / ARGS.iters], device=device)
-    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-    return float(elapsed)
+
+    return timed(step, device, ARGS.warmup, ARGS.iters)
 
 
 def stack_time(
-    layers: list[ExpertParallelMoE], device: torch.device, dtype: torch.dtype, overlap: bool
+    layers: list[ExpertParallelMoE],
+    device: torch.device,
+    dtype: torch.dtype,
+    overlap: bool,
+    warmup: int | None = None,
+    iters: int | None = None,
 ) -> float:
     """Mean seconds of forward+backward+replica sync of a residual stack, max over ranks;
     the sync after the backward, or started from gradient hooks (as EplbCallback does)."""
     gen = torch.Generator().manual_seed(3 + dist.get_rank())
     x = torch.randn(ARGS.tokens, ARGS.hidden, generator=gen).to(device, dtype)
     gy = torch.randn(ARGS.tokens, ARGS.hidden, generator=gen).to(device, dtype)
-    scheduler = (
-        ReplicaSyncOverlap(layers, dist.new_group(ranks=list(range(dist.get_world_size()))))
-        if overlap
-        else None
-    )
-    start = 0.0
-    for i in range(ARGS.warmup + ARGS.iters):
-        if i == ARGS.warmup:
-            sync(device)
-            dist.barrier()
-            start = time.perf_counter()
+    group = dist.new_group(ranks=list(range(dist.get_world_size()))) if overlap else None
+    scheduler = ReplicaSyncOverlap(layers, group) if overlap else None
+
+    def step() -> None:
         h = x
         for layer in layers:
             layer.train()
@@ -303,12 +321,14 @@ def stack_time(
             if id(layer) not in done:
                 layer.sync_replica_grads()
             layer.reset_expert_load()
-    sync(device)
-    elapsed = torch.tensor([(time.perf_counter() - start) / ARGS.iters], device=device)
-    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-    if scheduler is not None:
-        scheduler.remove()
-    return float(elapsed)
+
+    try:
+        return timed(
+            step, device, ARGS.warmup if warmup is None else warmup, ARGS.iters if iters is None else iters
+        )
+    finally:
+        if scheduler is not None:
+            scheduler.remove()
 
 
 def emit(lines: list[str]) -> None:
@@ -385,25 +405,13 @@ def main() -> None:
     ]
     if ARGS.profile:
         for redundant in extras[:2]:
-            layer = make_layer(device, low, redundant, "auto")
-            even = even_placement(ARGS.experts, ARGS.experts + redundant, n)
-            layer.set_placement(
-                even.physical_to_logical[0], even.logical_to_physical[0], even.logical_replica_count[0]
-            )
-            table = profile_table(layer, device, low)
+            table = profile_table(even_layer(device, low, redundant, "auto"), device, low)
             emit(["", f"### profile, P={ARGS.experts + redundant}, rank 0, 5 steps", table])
     if ARGS.stack > 0:
         rows: dict[bool, list[float]] = {False: [], True: []}
         identical: list[str] = []
         for redundant in extras:
-            stack = []
-            for _ in range(ARGS.stack):
-                layer = make_layer(device, low, redundant, "auto")
-                even = even_placement(ARGS.experts, ARGS.experts + redundant, n)
-                layer.set_placement(
-                    even.physical_to_logical[0], even.logical_to_physical[0], even.logical_replica_count[0]
-                )
-                stack.append(layer)
+            stack = [even_layer(device, low, redundant, "auto") for _ in range(ARGS.stack)]
             for overlap in (False, True):
                 rows[overlap].append(stack_time(stack, device, low, overlap))
             # one more step each way, plus a second plain one: the backward itself is not
@@ -412,9 +420,7 @@ def main() -> None:
             # against the run-to-run difference of the plain path
             grads = []
             for overlap in (False, True, False):
-                ARGS.warmup, ARGS.iters, saved = 0, 1, (ARGS.warmup, ARGS.iters)
-                stack_time(stack, device, low, overlap)
-                ARGS.warmup, ARGS.iters = saved
+                stack_time(stack, device, low, overlap, warmup=0, iters=1)
                 grads.append([p.grad.float().clone() for layer in stack for p in layer.expert_tensors()])
             plain, over, again = grads
             top = slice(-3, None)  # the last layer's w1, w3, w2: first in the backward
@@ -451,15 +457,11 @@ def main() -> None:
         for label, with_sync, max_p2p_holders in variants:
             times = []
             for redundant in extras:
-                layer = make_layer(device, low, redundant, backend)
-                even = even_placement(ARGS.experts, ARGS.experts + redundant, n)
-                layer.set_placement(
-                    even.physical_to_logical[0], even.logical_to_physical[0], even.logical_replica_count[0]
-                )
+                layer = even_layer(device, low, redundant, backend)
                 if max_p2p_holders is not None:  # benchmark-only: rebuild the private sync plan
                     layer._replicas = ReplicaIndex.build(
-                        even.physical_to_logical[0],
-                        even.logical_replica_count[0],
+                        layer.physical_to_logical.cpu(),
+                        layer.logical_replica_count.cpu(),
                         rank,
                         layer.num_local_experts,
                         max_p2p_holders=max_p2p_holders,

@@ -70,6 +70,7 @@ class ReplicaSyncOverlap:
         self.armed: list[bool] = [False] * len(self.order)
         self.launched = 0
         self._counts = [0] * len(self.order)
+        self._needed = [len(layer.expert_tensors()) for layer in self.order]
         self._ready = [False] * len(self.order)
         self._handles = []
         for i, layer in enumerate(self.order):
@@ -94,7 +95,7 @@ class ReplicaSyncOverlap:
         if not self.armed[i] or self._ready[i]:
             return
         self._counts[i] += 1
-        if self._counts[i] == len(self.order[i].expert_tensors()):
+        if self._counts[i] == self._needed[i]:
             self._ready[i] = True
             self._launch(until_blocked=True)
 

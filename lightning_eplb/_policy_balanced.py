@@ -41,7 +41,7 @@ import numpy as np
 
 from lightning_eplb._packing import PackState, improve, kk_pack, repair, replica_counts, replicas, warm_pack
 from lightning_eplb._warm import sticky_counts
-from lightning_eplb._warm_choice import FALLBACK_TOLERANCE, flat_warm, pick_rows, warm_start
+from lightning_eplb._warm_choice import FALLBACK_TOLERANCE, flat_warm, pick_rows, row_peak, warm_start
 
 __all__ = ["balanced_placement"]
 
@@ -251,16 +251,6 @@ def balanced_placement(
     return np.where(keep_L[:, None], previous_LP, out_LP)
 
 
-def _rank_peak(load_LE: np.ndarray, p2l_LP: np.ndarray, num_ranks: int) -> np.ndarray:
-    """``(L,)`` heaviest rank load of a placement (each replica carries ``load / count``)."""
-    num_layers, num_experts = load_LE.shape
-    count_LE = np.zeros((num_layers, num_experts), dtype=np.int64)
-    np.add.at(count_LE, (np.arange(num_layers)[:, None], p2l_LP), 1)
-    per_replica_LE = load_LE / np.maximum(count_LE, 1)
-    slot_LP = np.take_along_axis(per_replica_LE, p2l_LP, 1)
-    return slot_LP.reshape(num_layers, num_ranks, -1).sum(-1).max(1)
-
-
 def _previous_at_least_as_good(
     load_LE: np.ndarray,
     previous_LP: np.ndarray,
@@ -290,8 +280,8 @@ def _previous_at_least_as_good(
         on_node_LGM = np.zeros((num_layers, num_groups, num_nodes), dtype=np.int64)
         np.add.at(on_node_LGM, (layer_L1, group_LP, node_P[None]), 1)
         valid_L &= ((on_node_LGM > 0).sum(-1) == 1).all(1)
-    previous_peak_L = _rank_peak(load_LE, previous_LP, num_ranks)
-    return valid_L & (previous_peak_L <= _rank_peak(load_LE, out_LP, num_ranks))
+    previous_peak_L = row_peak(load_LE, previous_LP.reshape(num_layers, num_ranks, -1))
+    return valid_L & (previous_peak_L <= row_peak(load_LE, out_LP.reshape(num_layers, num_ranks, -1)))
 
 
 def _solve(

@@ -280,8 +280,9 @@ class ReplicaIndex:
     def on(self, device: torch.device) -> _DeviceIndex:
         """The index tensors on ``device``, copied once per placement."""
         if device not in self._on_device:
-            slot_of_k = torch.empty(self.num_local, dtype=torch.int64)
+            slot_of_k = torch.zeros(0, dtype=torch.int64)  # only used with one slot each
             if self.one_slot_each:
+                slot_of_k = torch.empty(self.num_local, dtype=torch.int64)
                 slot_of_k[self.local_rows] = self.local_slots
             self._on_device[device] = _DeviceIndex(
                 local_slots=_Rows.of(self.local_slots, device),
@@ -298,13 +299,17 @@ class ReplicaIndex:
         return self._on_device[device]
 
 
+@dataclass
 class PendingSync:
-    """A replica-gradient sync whose communication is in flight (see :func:`start_sync`)."""
+    """A replica-gradient sync whose communication is in flight (see :func:`start_sync`);
+    per expert tensor: its gradient, local sums ``(K, D)``, received rows ``(V, D)`` and
+    all-reduce buffer ``(X, D)``."""
 
-    def __init__(
-        self, grads: list[Tensor], local: list[Tensor], recv: list[Tensor], ar_bufs: list[Tensor], works: list
-    ) -> None:
-        self.grads, self.local, self.recv, self.ar_bufs, self.works = grads, local, recv, ar_bufs, works
+    grads: list[Tensor]
+    local: list[Tensor] = field(default_factory=list)
+    recv: list[Tensor] = field(default_factory=list)
+    ar_bufs: list[Tensor] = field(default_factory=list)
+    works: list = field(default_factory=list)
 
 
 def _grads(params: list[torch.nn.Parameter]) -> list[Tensor]:
@@ -330,16 +335,15 @@ def start_sync(
         index: the current :class:`ReplicaIndex`.
         group: the group of the exchange (None: the default group).
     """
-    grads = _grads(params)
-    local: list[Tensor] = []
-    recv: list[Tensor] = []
-    ar_bufs: list[Tensor] = []
-    works: list = []
+    pending = PendingSync(_grads(params))
     if not (index.num_local or index.num_all_reduce):
-        return PendingSync(grads, local, recv, ar_bufs, works)
-    dev = index.on(grads[0].device)
+        return pending
+    dev = index.on(pending.grads[0].device)
+    # P2POp takes the peer's global rank (group_peer= needs torch >= 2.6)
+    peers = [dist.get_global_rank(group, q) if group is not None else q for q, _ in index.peers]
+    local, recv = pending.local, pending.recv
     ops = []
-    for g in grads:
+    for g in pending.grads:
         flat_SD = g.view(g.shape[0], -1)
         if index.one_slot_each:
             # a view of the gradient when the slots are a run: then summed in place, no copy
@@ -351,21 +355,19 @@ def start_sync(
         recv_VD = flat_SD.new_empty(index.num_recv, flat_SD.shape[1])
         recv.append(recv_VD)
         start = 0
-        for (q, _), rows in zip(index.peers, dev.send, strict=True):
-            # P2POp takes the peer's global rank (group_peer= needs torch >= 2.6)
-            peer = dist.get_global_rank(group, q) if group is not None else q
+        for peer, rows in zip(peers, dev.send, strict=True):
             ops.append(dist.P2POp(dist.isend, rows.take(local_KD).contiguous(), peer, group))
             ops.append(dist.P2POp(dist.irecv, recv_VD[start : start + len(rows)], peer, group))
             start += len(rows)
     if ops:
-        works.extend(dist.batch_isend_irecv(ops))
+        pending.works.extend(dist.batch_isend_irecv(ops))
     if index.num_all_reduce:
         for local_KD in local:
             buf_XD = local_KD.new_zeros(index.num_all_reduce, local_KD.shape[1])
             dev.ar_pos.put(buf_XD, dev.ar_rows.take(local_KD))
-            ar_bufs.append(buf_XD)
-            works.append(dist.all_reduce(buf_XD, group=group, async_op=True))
-    return PendingSync(grads, local, recv, ar_bufs, works)
+            pending.ar_bufs.append(buf_XD)
+            pending.works.append(dist.all_reduce(buf_XD, group=group, async_op=True))
+    return pending
 
 
 @torch.no_grad()

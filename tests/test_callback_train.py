@@ -131,6 +131,7 @@ def _fit(
     max_steps: int = 8,
     ckpt_path: str | None = None,
     clip: float | None = 0.5,
+    validate: bool = False,
 ) -> pl.Trainer:
     """Fit on the fixed global batches of ``_data`` (rank r takes rows r, r+N, ...).
 
@@ -139,15 +140,18 @@ def _fit(
     off (``use_distributed_sampler=False``) and bring their own, unshuffled.
     """
     data = _data()
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = int(os.environ.get("RANK", "0"))  # the process group may not exist yet (Lightning makes it)
     sampler = DistributedSampler(data, num_replicas=world_size, rank=rank, shuffle=False)
     loader = DataLoader(data, batch_size=GLOBAL_BATCH // world_size // accumulate, sampler=sampler)
+    # with validate: one validation batch per epoch (the model needs a validation_step)
+    val = DataLoader(data, batch_size=GLOBAL_BATCH // world_size, sampler=sampler) if validate else None
     strategy = DDPStrategy(timeout=timedelta(seconds=60)) if world_size > 1 else "auto"
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=world_size,
         strategy=strategy,
         max_steps=max_steps,
+        limit_val_batches=1 if validate else None,
         accumulate_grad_batches=accumulate,
         callbacks=callbacks,
         use_distributed_sampler=False,
@@ -161,7 +165,7 @@ def _fit(
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(model, loader, ckpt_path=ckpt_path)
+        trainer.fit(model, loader, val, ckpt_path=ckpt_path)
     return trainer
 
 

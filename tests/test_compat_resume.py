@@ -18,23 +18,20 @@ two things that hold on every version:
 from __future__ import annotations
 
 import os
-import warnings
-from datetime import timedelta
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.strategies import DDPStrategy
-from lightning_utilities.core.imports import compare_version
 from torch import Tensor
-from torch.utils.data import DataLoader
-from torch.utils.data.distributed import DistributedSampler
 
 from lightning_eplb import EplbCallback
 from tests._dist import spawn
-from tests.test_callback_train import GLOBAL_BATCH, _data, _decisions, _global_losses, _Net
-
-_LIGHTNING_FIXED_BATCH_END_RESUME = compare_version("lightning", lambda a, b: a >= b, "2.5.0")
+from tests.test_callback_train import (
+    LIGHTNING_RESUMES_BATCH_END_EXACTLY,
+    _decisions,
+    _fit,
+    _global_losses,
+    _Net,
+)
 
 
 class _ValNet(_Net):
@@ -42,36 +39,6 @@ class _ValNet(_Net):
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self(batch[0])
-
-
-def _fit(
-    model: pl.LightningModule, world_size: int, tmp: str, callbacks: list, ckpt_path: str | None = None
-) -> None:
-    """8 optimizer steps (2 epochs of 4) on fixed global batches, one validation batch per epoch."""
-    data = _data()
-    rank = int(os.environ.get("RANK", "0"))  # the process group may not exist yet (Lightning makes it)
-    sampler = DistributedSampler(data, num_replicas=world_size, rank=rank, shuffle=False)
-    train = DataLoader(data, batch_size=GLOBAL_BATCH // world_size, sampler=sampler)
-    val = DataLoader(data, batch_size=GLOBAL_BATCH // world_size, sampler=sampler)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=world_size,
-        strategy=DDPStrategy(timeout=timedelta(seconds=60)) if world_size > 1 else "auto",
-        max_steps=8,
-        limit_val_batches=1,
-        callbacks=callbacks,
-        use_distributed_sampler=False,
-        logger=False,
-        enable_checkpointing=True,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp,
-        gradient_clip_val=0.5,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(model, train, val, ckpt_path=ckpt_path)
 
 
 def _checkpoints(tmp: str, prefix: str) -> list[ModelCheckpoint]:
@@ -95,13 +62,20 @@ def _train_and_resume(world_size: int, tmp: str, eplb: bool) -> dict:
     out: dict = {}
     model = _ValNet(num_redundant=2 if eplb else 0)
     cbs = callbacks()
-    _fit(model, world_size, tmp, cbs + _checkpoints(tmp, prefix))
+    _fit(model, world_size, tmp, cbs + _checkpoints(tmp, prefix), validate=True)
     out["full"] = _global_losses(model)
     out["full_records"] = _decisions(cbs[0].rearrangements) if eplb else []
     for kind in ("steps", "val"):
         model = _ValNet(num_redundant=2 if eplb else 0)
         cbs = callbacks()
-        _fit(model, world_size, tmp, cbs, ckpt_path=os.path.join(tmp, f"{prefix}-{kind}-step=4.ckpt"))
+        _fit(
+            model,
+            world_size,
+            tmp,
+            cbs,
+            ckpt_path=os.path.join(tmp, f"{prefix}-{kind}-step=4.ckpt"),
+            validate=True,
+        )
         out[kind] = _global_losses(model)
         out[f"{kind}_records"] = _decisions(cbs[0].rearrangements) if eplb else []
     return out
@@ -131,6 +105,6 @@ def test_resume_is_exact_on_this_lightning_version(tmp_path):
     assert eplb["val_records"] == eplb["full_records"][4:]
     # in on_train_batch_end: whatever Lightning replays, EPLB adds no difference of its own
     torch.testing.assert_close(eplb["steps"], plain["steps"], rtol=1e-9, atol=0)
-    if _LIGHTNING_FIXED_BATCH_END_RESUME:
+    if LIGHTNING_RESUMES_BATCH_END_EXACTLY:
         torch.testing.assert_close(plain["steps"], plain["full"][4:], rtol=1e-9, atol=0)
         assert eplb["steps_records"] == eplb["full_records"][4:]

@@ -34,16 +34,18 @@ def _layers(n: int) -> list[ExpertParallelMoE]:
     return layers
 
 
-def _grads(layers: list[ExpertParallelMoE], x: Tensor, twice: int | None, skip: int | None) -> list[Tensor]:
+def _forward(layers: list[ExpertParallelMoE], x: Tensor, twice: int | None, skip: int | None) -> Tensor:
+    """Residual stack; layer ``twice`` runs two times, layer ``skip`` not at all; gradients reset."""
     h = x
     for i, layer in enumerate(layers):
+        layer.zero_grad(set_to_none=True)
+        layer.forward_calls = 0
         if i == skip:
             continue
         h = h + layer(h)
         if i == twice:
             h = h + layer(h)
-    h.square().sum().backward()
-    return [p.grad for layer in layers for p in layer.expert_tensors()]
+    return h.square().sum()
 
 
 def _run(rank: int, n: int) -> None:
@@ -58,27 +60,14 @@ def _run(rank: int, n: int) -> None:
     x = torch.randn(5, H, generator=torch.Generator().manual_seed(rank))
     for twice, skip in ((None, None), (1, None), (None, 0)):
         where = f"twice={twice}, skip={skip}, rank {rank}"
-        for layer in layers:
-            layer.zero_grad(set_to_none=True)
-            layer.forward_calls = 0
-        _grads(layers, x, twice, skip)
+        _forward(layers, x, twice, skip).backward()
         for layer in layers:
             layer.sync_replica_grads()  # a layer without gradients gets zeros
         plain = [p.grad.clone() for layer in layers for p in layer.expert_tensors()]
-        for layer in layers:
-            layer.zero_grad(set_to_none=True)
-            layer.forward_calls = 0
         launched.clear()
-        h = x
-        # arm after the forward (as the callback does in on_before_backward)
-        for i, layer in enumerate(layers):
-            if i == skip:
-                continue
-            h = h + layer(h)
-            if i == twice:
-                h = h + layer(h)
-        overlap.arm()
-        h.square().sum().backward()
+        loss = _forward(layers, x, twice, skip)
+        overlap.arm()  # after the forward, as the callback does in on_before_backward
+        loss.backward()
         during = len(launched)
         done = overlap.finish()
         for layer in layers:
