@@ -179,7 +179,9 @@ def run(
     count_syncs: bool = False,
 ) -> dict:
     torch.manual_seed(0)
+    t0 = time.perf_counter()
     model = MoEStack(args, num_redundant, assignments)
+    t_build = time.perf_counter() - t0
     timer = StepTimer()
     callbacks: list[L.Callback] = [timer]
     syncs = SyncCounter(args.warmup_steps + 2, args.warmup_steps + 4) if count_syncs else None
@@ -201,7 +203,10 @@ def run(
         callbacks=callbacks,
         use_distributed_sampler=False,
     )
+    t0 = time.perf_counter()
     trainer.fit(model, data)
+    if dist.get_rank() == 0:
+        print(f"  [{label}: model built in {t_build:.1f} s, fit took {time.perf_counter() - t0:.1f} s]", flush=True)
     measured = timer.times[args.warmup_steps :]
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     step_s = torch.tensor(statistics.median(measured), device=device)
@@ -305,7 +310,15 @@ def main() -> None:
     by_key = {}
     for key in wanted:
         label, redundant, assignment, callback, syncs = plans[key]
+        t0 = time.perf_counter()
         by_key[key] = run(args, label, redundant, assignment, callback, count_syncs=syncs)
+        if rank == 0:  # progress, so that a run cut short still reports what it measured
+            r = by_key[key]
+            print(
+                f"[done in {time.perf_counter() - t0:.0f} s] {label}: {r['step_ms']:.2f} ms/step,"
+                f" {r['tokens_per_s']:.4g} tokens/s",
+                flush=True,
+            )
     results = list(by_key.values())
 
     moved = [r for r in cb.rearrangements if not r["skipped"]]

@@ -9,6 +9,7 @@ expert FFN size, ``E`` logical experts, ``K`` = top_k.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,23 +25,39 @@ __all__ = ["DenseMoE", "init_logical_experts"]
 
 
 def init_logical_experts(
-    num_experts: int, hidden_size: int, ffn_hidden_size: int, seed: int
+    num_experts: int, hidden_size: int, ffn_hidden_size: int, seed: int, experts: Sequence[int] | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Draw the logical expert weights from a generator seeded with ``seed`` (CPU, float32).
+    """Draw logical expert weights (CPU, float32), each expert from its own generator
+    seeded with ``seed`` and its id.
 
-    Uniform in ``±1/sqrt(fan_in)`` like :class:`torch.nn.Linear`. The result depends on
-    ``seed`` only, never on the number of ranks.
+    Uniform in ``±1/sqrt(fan_in)`` like :class:`torch.nn.Linear`. Expert ``e``'s weights
+    depend on ``seed`` and ``e`` only: never on the number of ranks, nor on which other
+    experts are drawn, so a rank can draw just the experts it holds.
+
+    Args:
+        num_experts: ``E``.
+        hidden_size: ``H``.
+        ffn_hidden_size: ``F``.
+        seed: the layer's seed.
+        experts: which experts to draw, in this order (default: all ``E``).
 
     Returns:
-        ``(w1, w3, w2)``: ``(E, F, H)``, ``(E, F, H)``, ``(E, H, F)``.
+        ``(w1, w3, w2)``: ``(X, F, H)``, ``(X, F, H)``, ``(X, H, F)``, ``X = len(experts)``.
     """
-    gen = torch.Generator().manual_seed(int(seed))
+    ids = list(range(num_experts)) if experts is None else [int(e) for e in experts]
+    for e in ids:
+        if not 0 <= e < num_experts:
+            raise ValueError(f"expert id {e} is outside [0, num_experts={num_experts})")
     bound_h, bound_f = 1.0 / math.sqrt(hidden_size), 1.0 / math.sqrt(ffn_hidden_size)
     # explicit: under a device or default-dtype context (Lightning's configure_model) too
-    cpu: dict = {"generator": gen, "device": "cpu", "dtype": torch.float32}
-    w1 = (torch.rand(num_experts, ffn_hidden_size, hidden_size, **cpu) * 2 - 1) * bound_h
-    w3 = (torch.rand(num_experts, ffn_hidden_size, hidden_size, **cpu) * 2 - 1) * bound_h
-    w2 = (torch.rand(num_experts, hidden_size, ffn_hidden_size, **cpu) * 2 - 1) * bound_f
+    cpu: dict = {"device": "cpu", "dtype": torch.float32}
+    w1 = torch.empty(len(ids), ffn_hidden_size, hidden_size, **cpu)
+    w3 = torch.empty(len(ids), ffn_hidden_size, hidden_size, **cpu)
+    w2 = torch.empty(len(ids), hidden_size, ffn_hidden_size, **cpu)
+    for i, e in enumerate(ids):
+        gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + e) % 2**63)
+        for w, bound in ((w1, bound_h), (w3, bound_h), (w2, bound_f)):
+            w[i].uniform_(-bound, bound, generator=gen)
     return w1, w3, w2
 
 

@@ -19,7 +19,7 @@ there are no collectives; with the ``grouped_mm`` backend no host synchronisatio
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -137,18 +137,34 @@ class ExpertParallelMoE(nn.Module):
         if init_seed is None:
             init_seed = int(torch.randint(0, 2**62, (1,)).item())
         self.init_seed = int(init_seed)
-        p2l_P = start.physical_to_logical[0]
-        w1, w3, w2 = init_logical_experts(num_experts, hidden_size, ffn_hidden_size, self.init_seed)
+        # Built where torch.distributed is up (Lightning's configure_model, a torchrun
+        # script): draw only this rank's slots, so a large layer never exists whole here.
+        lo, hi = 0, self.num_physical_experts
+        if dist.is_available() and dist.is_initialized():
+            if process_group is not None or dist.get_world_size() > 1:
+                num_ranks, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
+                if rank >= 0 and self.num_physical_experts % num_ranks == 0:  # else setup raises
+                    slots = self.num_physical_experts // num_ranks
+                    lo, hi = rank * slots, (rank + 1) * slots
+        self._drawn_slots = (lo, hi)  # the slots whose weights this rank holds
+        held_S = start.physical_to_logical[0, lo:hi]
+        w1, w3, w2 = init_logical_experts(
+            num_experts, hidden_size, ffn_hidden_size, self.init_seed, held_S.tolist()
+        )
         # drawn on CPU in float32 (the same values whatever the context), then placed like
         # the gate: the default dtype and device, e.g. inside Lightning's configure_model
         device, dtype = self.gate.weight.device, self.gate.weight.dtype
-        self.w1 = nn.Parameter(w1.index_select(0, p2l_P).to(device, dtype))
-        self.w3 = nn.Parameter(w3.index_select(0, p2l_P).to(device, dtype))
-        self.w2 = nn.Parameter(w2.index_select(0, p2l_P).to(device, dtype))
+        self.w1 = nn.Parameter(w1.to(device, dtype))
+        self.w3 = nn.Parameter(w3.to(device, dtype))
+        self.w2 = nn.Parameter(w2.to(device, dtype))
 
         self._ep_group: dist.ProcessGroup | None = None
         self._ep_size, self._ep_rank, self._is_setup = 1, 0, False
         self._pending_sync: PendingSync | None = None
+        self.expert_backward_hook: Callable[[], None] | None = None
+        """Called once per backward when the backward reaches this layer's expert compute
+        (after the combine's reverse all-to-all, before the expert GEMMs); the overlap uses
+        it to launch earlier layers' replica exchanges while these GEMMs run."""
         self.forward_calls = 0
         """Training forwards with autograd since the callback last reset it (host counter)."""
         self._refresh_replica_index()
@@ -208,9 +224,17 @@ class ExpertParallelMoE(nn.Module):
             )
         slots = self.num_physical_experts // num_ranks
         lo, hi = rank * slots, (rank + 1) * slots
-        for name in ("w1", "w3", "w2"):
-            old = getattr(self, name)
-            setattr(self, name, nn.Parameter(old.detach()[lo:hi].clone(), requires_grad=old.requires_grad))
+        if self._drawn_slots == (0, self.num_physical_experts):
+            for name in ("w1", "w3", "w2"):
+                old = getattr(self, name)
+                setattr(self, name, nn.Parameter(old.detach()[lo:hi].clone(), requires_grad=old.requires_grad))
+        elif self._drawn_slots != (lo, hi):
+            raise ValueError(
+                f"layer was built under torch.distributed holding slots {self._drawn_slots} of"
+                f" {self.num_physical_experts}, but this group (rank {rank} of {num_ranks}) needs"
+                f" slots {(lo, hi)}: pass the same process_group to the constructor"
+            )
+        self._drawn_slots = (lo, hi)
         self._ep_group, self._ep_size, self._ep_rank, self._is_setup = group, num_ranks, rank, True
         self.process_group = group
         self._refresh_replica_index()
@@ -419,6 +443,9 @@ class ExpertParallelMoE(nn.Module):
             *weights,
             backend,
         )
+        if self.expert_backward_hook is not None and y_RH.requires_grad:
+            hook = self.expert_backward_hook
+            y_RH.register_hook(lambda grad: hook())  # returns None: the gradient is unchanged
         y_RH = y_RH.index_select(0, _inverse_permutation(perm_R))
         return all_to_all(y_RH, input_splits, output_splits, group)
 

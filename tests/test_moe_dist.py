@@ -132,6 +132,17 @@ def _check_setup(rank: int, n: int) -> None:
         ep.w1, dense.w1.detach()[ep.physical_to_logical[rank * (8 // n) : (rank + 1) * (8 // n)]]
     )
     torch.testing.assert_close(ep(x), dense(x), **TOL)
+    # Built under the process group: draws only its own slots, the same weights as above.
+    with mock.patch("lightning_eplb.moe.init_logical_experts", wraps=init_logical_experts) as drawn:
+        local = ExpertParallelMoE(8, 12, 4, 2, num_redundant_experts=4, init_seed=2, expert_backend="bmm").to(DT)
+    assert drawn.call_args.args[4] == ep.physical_to_logical[rank * (8 // n) : (rank + 1) * (8 // n)].tolist()
+    assert local.num_local_experts == 8 // n and torch.equal(local.w1, ep.w1) and torch.equal(local.w2, ep.w2)
+    local.setup_expert_parallel()  # nothing to slice: still the same slots
+    assert torch.equal(local.w3, ep.w3)
+    if n > 1:  # a layer holding one rank's slots cannot be set up for another group size
+        with pytest.raises(ValueError, match=r"holding slots .* needs slots"):
+            local._is_setup = False
+            local.setup_expert_parallel(dist.new_group(ranks=[rank], use_local_synchronization=True))
     if n > 1:  # 7 slots on 2 or 4 ranks: refused at construction (the group exists already)
         with pytest.raises(ValueError, match=rf"num_physical_experts \(7\).* divisible by .* \({n}\)"):
             ExpertParallelMoE(8, 12, 5, 2, num_redundant_experts=2)

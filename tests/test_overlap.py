@@ -5,6 +5,7 @@ placements with replicas (experts with up to 4 holders, two replicas on one rank
 The gradients after an armed backward + ``finish`` must equal, byte for byte, those of the
 same backward followed by plain ``sync_replica_grads``; also when one layer runs twice in the
 forward (it is then not armed and syncs afterwards) and when one layer gets no gradient.
+Also when the exchanges launch: a ready layer waits for the next layer's expert backward.
 """
 
 from __future__ import annotations
@@ -54,9 +55,15 @@ def _run(rank: int, n: int) -> None:
     group = dist.new_group(ranks=list(range(n)))
     overlap = ReplicaSyncOverlap(layers, group)
     launched: list[int] = []
+    events: list[str] = []
     for i, layer in enumerate(layers):
         start = layer.start_replica_grad_sync
-        layer.start_replica_grad_sync = lambda g=None, s=start, i=i: launched.append(i) or s(g)
+        layer.start_replica_grad_sync = lambda g=None, s=start, i=i: launched.append(i) or events.append(
+            f"launch {i}"
+        ) or s(g)
+        reach = layer.expert_backward_hook
+        assert reach is not None  # set by the overlap
+        layer.expert_backward_hook = lambda r=reach, i=i: events.append(f"reach {i}") or r()
     x = torch.randn(5, H, generator=torch.Generator().manual_seed(rank))
     for twice, skip in ((None, None), (1, None), (None, 0)):
         where = f"twice={twice}, skip={skip}, rank {rank}"
@@ -65,6 +72,7 @@ def _run(rank: int, n: int) -> None:
             layer.sync_replica_grads()  # a layer without gradients gets zeros
         plain = [p.grad.clone() for layer in layers for p in layer.expert_tensors()]
         launched.clear()
+        events.clear()
         loss = _forward(layers, x, twice, skip)
         overlap.arm()  # after the forward, as the callback does in on_before_backward
         loss.backward()
@@ -80,6 +88,12 @@ def _run(rank: int, n: int) -> None:
         assert len(done) == armed, where  # a layer run twice or not at all syncs afterwards
         if twice is None and skip is None:
             assert during == 3, where  # all started from hooks, during the backward
+            # a ready layer waits until the backward reaches the next layer's experts (its
+            # exchange then does not share the links with its own dispatch all-to-all); the
+            # last one launches when ready
+            assert events == ["reach 2", "reach 1", "launch 2", "reach 0", "launch 1", "launch 0"], where
+        if skip == 0:  # layer 1 is then the last armed layer: it launches when ready
+            assert events == ["reach 2", "reach 1", "launch 2", "launch 1"], where
     overlap.remove()
 
 
