@@ -116,6 +116,29 @@ def _add_ranges(free_BC: np.ndarray, rows: np.ndarray, lo: np.ndarray, hi: np.nd
     free_BC += np.cumsum(delta, axis=1)[:, :-1]
 
 
+def _levels(ends_BX: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted ends of each row and the level of every end.
+
+    The level of an end is the index of its first occurrence in its sorted row, which is
+    ``np.searchsorted(points[b], ends[b], side="left")`` for all rows at once.
+
+    Args:
+        ends_BX: ``(B, X)`` float values (``inf`` allowed, no NaN).
+
+    Returns:
+        ``(points_BX, level_BX)``: each row sorted, and ``(B, X)`` int64 levels.
+    """
+    num_ends = ends_BX.shape[1]
+    order = np.argsort(ends_BX, axis=1, kind="stable")
+    points = np.take_along_axis(ends_BX, order, 1)
+    start = np.ones(points.shape, dtype=bool)
+    start[:, 1:] = points[:, 1:] != points[:, :-1]
+    first = np.maximum.accumulate(np.where(start, np.arange(num_ends), 0), 1)
+    level = np.empty(points.shape, dtype=np.int64)
+    np.put_along_axis(level, order, first, 1)
+    return points, level
+
+
 def _cover(state: PackState, target_B: np.ndarray) -> tuple[np.ndarray, ...]:
     """Choose the released slots and caps of one cover pass.
 
@@ -142,21 +165,23 @@ def _cover(state: PackState, target_B: np.ndarray) -> tuple[np.ndarray, ...]:
     top_BNS = item_BNS + np.maximum(slack_BN, 0)[..., None]
     # levels: every interval end; the cell c is (points[c], points[c + 1]]
     extra = np.where(active_BH[..., None], lo_BHK, np.inf).reshape(num_rows, -1)
-    points = np.sort(
-        np.concatenate([item_BNS.reshape(num_rows, -1), top_BNS.reshape(num_rows, -1), extra], 1), axis=1
+    _, level_of = _levels(
+        np.concatenate([item_BNS.reshape(num_rows, -1), top_BNS.reshape(num_rows, -1), extra], 1)
     )
-    num_cells = points.shape[1]
-
-    def level(x: np.ndarray) -> np.ndarray:
-        flat = x.reshape(num_rows, -1)
-        out = np.empty(flat.shape, dtype=np.int64)
-        for b in range(num_rows):  # searchsorted has no batch form; B is small
-            out[b] = np.searchsorted(points[b], flat[b])
-        return out.reshape(x.shape)
-
-    u_lo_BNS, u_hi_BNS = level(item_BNS), level(top_BNS)
-    c_lo_BHK, c_hi_BHK = level(lo_BHK), level(hi_BHK)
+    num_cells = level_of.shape[1]
+    num_items = num_ranks * per_rank
+    u_lo_BNS = level_of[:, :num_items].reshape(item_BNS.shape)
+    u_hi_BNS = level_of[:, num_items : 2 * num_items].reshape(item_BNS.shape)
+    c_hi_BHK = u_lo_BNS[rows[:, None], order_BH]
+    # (inactive ranks' excess intervals are never used: any index in range will do)
+    c_lo_BHK = np.where(active_BH[..., None], level_of[:, 2 * num_items :].reshape(lo_BHK.shape), num_cells)
     room_BN = slack_BN > 0
+    # the ranks with room, first in each row (U of them, padded): only they can be opened
+    num_room = max(int(room_BN.sum(1).max()), 1)
+    room_idx_BU = np.argsort(~room_BN, axis=1, kind="stable")[:, :num_room]
+    room_ok_BU = np.take_along_axis(room_BN, room_idx_BU, 1)
+    ru_lo_BUS, ru_hi_BUS = (x[rows[:, None], room_idx_BU] for x in (u_lo_BNS, u_hi_BNS))
+    r_item_BUS, r_top_BUS, r_cost_BUS = (x[rows[:, None], room_idx_BU] for x in (item_BNS, top_BNS, cost_BNS))
     free_BC = np.zeros((num_rows, num_cells), dtype=np.int64)
     picked: list[tuple[np.ndarray, ...]] = []
     for i in range(num_over):
@@ -189,17 +214,18 @@ def _cover(state: PackState, target_B: np.ndarray) -> tuple[np.ndarray, ...]:
             cur_hi = c_hi_R.copy()
             ok_RK = valid_BK[r_idx].copy()
             score_RK = cost_BNS[r_idx, h[r_idx]] * _BIG
-            avail_RKN = np.broadcast_to(room_BN[r_idx][:, None, :], (len(r_idx), per_rank, num_ranks)).copy()
+            ridx_RU = room_idx_BU[r_idx]
+            avail_RKU = np.broadcast_to(
+                (room_BN[r_idx[:, None], ridx_RU] & room_ok_BU[r_idx])[:, None, :],
+                (len(r_idx), per_rank, num_room),
+            ).copy()
             lb = last_bad[r_idx]
             nb = next_bad[r_idx]
             row_R = np.arange(len(r_idx))[:, None]
             first_R = nb[row_R, c_lo_R]
-            u_lo_R, u_hi_R = u_lo_BNS[r_idx], u_hi_BNS[r_idx]
-            tight_R = np.minimum(
-                top_BNS[r_idx][..., None] - hi_K[r_idx][:, None, None, :],
-                lo_K[r_idx][:, None, None, :] - item_BNS[r_idx][..., None],
-            )  # (R, N, S, K)
-            base = 100.0 * cost_BNS[r_idx][..., None] + tight_R
+            u_lo_R, u_hi_R = ru_lo_BUS[r_idx], ru_hi_BUS[r_idx]
+            item_R, top_R, cost_R = r_item_BUS[r_idx], r_top_BUS[r_idx], r_cost_BUS[r_idx]
+            hi_RK, lo_RK = hi_K[r_idx], lo_K[r_idx]
             done_RK = np.zeros_like(ok_RK)
             for j in range(MAX_OPENS):
                 top = lb[row_R, cur_hi]  # highest uncovered level below cur_hi
@@ -211,13 +237,18 @@ def _cover(state: PackState, target_B: np.ndarray) -> tuple[np.ndarray, ...]:
                 qr, qk = np.nonzero(live)
                 top_Q = top[qr, qk]
                 cand = (
-                    avail_RKN[qr, qk][:, :, None]
+                    avail_RKU[qr, qk][:, :, None]
                     & (u_lo_R[qr] <= top_Q[:, None, None])
                     & (u_hi_R[qr] > top_Q[:, None, None])
                 )
                 full = u_lo_R[qr] <= first_R[qr, qk][:, None, None]
+                # how far the room interval sticks out of the excess interval (either side)
+                tight_Q = np.minimum(
+                    top_R[qr] - hi_RK[qr, qk][:, None, None], lo_RK[qr, qk][:, None, None] - item_R[qr]
+                )
+                base_Q = 100.0 * cost_R[qr] + tight_Q
                 score = np.where(
-                    cand, base[qr, :, :, qk] + np.where(full, 0.0, 10.0 + u_lo_R[qr] / num_cells), np.inf
+                    cand, base_Q + np.where(full, 0.0, 10.0 + u_lo_R[qr] / num_cells), np.inf
                 ).reshape(len(qr), -1)
                 best_Q = score.argmin(1)
                 found_Q = score[np.arange(len(qr)), best_Q] < np.inf
@@ -227,19 +258,19 @@ def _cover(state: PackState, target_B: np.ndarray) -> tuple[np.ndarray, ...]:
                 found[qr, qk] = found_Q
                 ok_RK &= found | ~live
                 go = live & found
-                u, ku = np.divmod(best, per_rank)
-                opens_u[:, :, j] = np.where(go, u, -1)
+                u_pos, ku = np.divmod(best, per_rank)
+                opens_u[:, :, j] = np.where(go, ridx_RU[row_R, u_pos], -1)
                 opens_k[:, :, j] = ku
                 # an option's score: changed slots first, then room intervals opened, then tightness
                 step = (
-                    _BIG * cost_BNS[r_idx[:, None], u, ku]
+                    _BIG * cost_R[row_R, u_pos, ku]
                     + 1.0
-                    + 1e-3 * tight_R[row_R, u, ku, np.arange(per_rank)]
+                    + 1e-3 * np.minimum(top_R[row_R, u_pos, ku] - hi_RK, lo_RK - item_R[row_R, u_pos, ku])
                 )
                 score_RK = score_RK + np.where(go, step, 0.0)
                 rr, kk = np.nonzero(go)
-                avail_RKN[rr, kk, u[rr, kk]] = False
-                cur_hi = np.where(go, u_lo_R[row_R, u, ku], cur_hi)
+                avail_RKU[rr, kk, u_pos[rr, kk]] = False
+                cur_hi = np.where(go, u_lo_R[row_R, u_pos, ku], cur_hi)
             top = lb[row_R, cur_hi]
             done_RK |= top < c_lo_R
             ok_RK &= done_RK
@@ -380,31 +411,35 @@ def drain(state: PackState, target_B: np.ndarray, max_rounds: int | None = None)
         if not len(rows):
             break
         idx = np.arange(len(rows))
+        # partners: the ranks below the target (P of them, padded), in rank order
+        room_RN = level[:, None] - rank_load
+        num_partners = max(int((room_RN > 0).sum(1).max()), 1)
+        part_RP = np.argsort(room_RN <= 0, axis=1, kind="stable")[:, :num_partners]
+        room_RP = np.take_along_axis(room_RN, part_RP, 1)
         ea_RS = state.expert[rows, heavy]
         va_RS = state.load[rows, heavy]
-        eb_RNS = state.expert[rows]
-        vb_RNS = state.load[rows]
+        eb_RPS = state.expert[rows[:, None], part_RP]
+        vb_RPS = state.load[rows[:, None], part_RP]
         copies = state.copies[rows]
         ca_own = copies[idx[:, None], ea_RS, heavy[:, None]]  # (R, S)
-        ca_there = copies[idx[:, None], ea_RS]  # (R, S, N)
-        cb_own = copies[idx[:, None, None], eb_RNS, np.arange(num_ranks)[None, :, None]]  # (R, N, S)
-        cb_there = copies[idx[:, None, None], eb_RNS, heavy[:, None, None]]
+        ca_there = copies[idx[:, None, None], ea_RS[:, :, None], part_RP[:, None, :]]  # (R, S, P)
+        cb_own = copies[idx[:, None, None], eb_RPS, part_RP[:, :, None]]  # (R, P, S)
+        cb_there = copies[idx[:, None, None], eb_RPS, heavy[:, None, None]]
         ok = (ca_own[:, :, None] >= ca_there + 1)[..., None] & (cb_own > cb_there)[:, None]
-        d = va_RS[:, :, None, None] - vb_RNS[:, None]
-        room = (level[:, None] - rank_load)[:, None, :, None]
-        ok &= (d > 0) & (d <= room)
-        ok[idx, :, heavy] = False
+        d = va_RS[:, :, None, None] - vb_RPS[:, None]
+        ok &= (d > 0) & (d <= room_RP[:, None, :, None])
         gain = np.minimum(d, (peak - level)[:, None, None, None])
         if state.home is not None:
             home_a = state.home[rows, heavy][:, :, None, None]
-            home_b = state.home[rows][:, None]
-            a, b = ea_RS[:, :, None, None], eb_RNS[:, None]
+            home_b = state.home[rows[:, None], part_RP][:, None]
+            a, b = ea_RS[:, :, None, None], eb_RPS[:, None]
             moves = (b != home_a).astype(np.int8) + (a != home_b) - (a != home_a) - (b != home_b)
             gain = gain - DRAIN_PENALTY * level[:, None, None, None] * moves
         score = np.where(ok, gain, -np.inf).reshape(len(rows), -1)
         best = score.argmax(1)
         good = np.isfinite(score[idx, best])
-        slot_a, rank_b, slot_b = np.unravel_index(best, (per_rank, num_ranks, per_rank))
+        slot_a, part, slot_b = np.unravel_index(best, (per_rank, num_partners, per_rank))
+        rank_b = part_RP[idx, part]
         state.swap(rows[good], heavy[good], slot_a[good], rank_b[good], slot_b[good])
         swaps += int(good.sum())
         rows = rows[good]

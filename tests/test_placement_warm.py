@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from lightning_eplb._packing import PackState, replica_counts
 from lightning_eplb._policy_balanced import WARM_TOLERANCE
-from lightning_eplb._warm import _deal, cycle_cover, drain, sticky_counts
+from lightning_eplb._warm import DRAIN_PENALTY, _deal, _levels, cycle_cover, drain, sticky_counts
 from lightning_eplb._warm_choice import FALLBACK_TOLERANCE, HIGH_SHARE
 from lightning_eplb.placement import rebalance
 
@@ -107,6 +107,81 @@ def test_drain_never_pushes_a_partner_over_the_target():
         state.rank_load[under] <= np.broadcast_to(target[:, None], under.shape)[under] * (1 + 1e-12)
     ).all()
     assert (state.rank_load.max(1) <= peak + 1e-9).all()
+
+
+def test_levels_are_searchsorted_positions_in_the_sorted_row():
+    rng = np.random.default_rng(5)
+    # ties (rounded values), signed zeros and infinities, as the cover's interval ends have
+    ends = np.round(rng.random((6, 40)) * 4, 1)
+    ends[:, :3] = [0.0, -0.0, np.inf]
+    ends[0, 5:9] = np.inf
+    points, level = _levels(ends)
+    np.testing.assert_array_equal(points, np.sort(ends, axis=1))
+    for b in range(len(ends)):
+        np.testing.assert_array_equal(level[b], np.searchsorted(points[b], ends[b], side="left"))
+
+
+def _best_drain_swap(state: PackState, level: float, b: int) -> tuple[int, int, int, int] | None:
+    """Brute force over every partner: the swap off row ``b``'s heaviest rank that drain takes."""
+    _, ranks, per_rank = state.expert.shape
+    rank_load, expert, load, copies, home = (
+        state.rank_load[b],
+        state.expert[b],
+        state.load[b],
+        state.copies[b],
+        state.home[b],
+    )
+    heavy = int(rank_load.argmax())
+    peak = rank_load[heavy]
+    if peak <= level:
+        return None
+    best, best_gain = None, -np.inf
+    for slot_a in range(per_rank):
+        for rank_b in range(ranks):
+            for slot_b in range(per_rank):
+                a, c = expert[heavy, slot_a], expert[rank_b, slot_b]
+                if (
+                    rank_b == heavy
+                    or copies[a, heavy] < copies[a, rank_b] + 1
+                    or copies[c, rank_b] <= copies[c, heavy]
+                ):
+                    continue
+                d = load[heavy, slot_a] - load[rank_b, slot_b]
+                if not 0 < d <= level - rank_load[rank_b]:
+                    continue
+                moves = (
+                    int(c != home[heavy, slot_a])
+                    + int(a != home[rank_b, slot_b])
+                    - int(a != home[heavy, slot_a])
+                    - int(c != home[rank_b, slot_b])
+                )
+                gain = min(d, peak - level) - DRAIN_PENALTY * level * moves
+                if gain > best_gain:
+                    best, best_gain = (heavy, slot_a, rank_b, slot_b), gain
+    return best
+
+
+@pytest.mark.parametrize("seed", [2, 3])
+def test_drain_takes_the_best_swap_over_all_partners(seed):
+    # drain searches only the ranks below the target as partners: the same swap as a search
+    # over every rank (brute force), round after round
+    rows, ranks, per_rank, experts = 5, 10, 3, 24
+    state, mean = _drifted_state(seed, rows, ranks, per_rank, experts)
+    state.home = np.where(np.random.default_rng(seed).random(state.expert.shape) < 0.2, -1, state.home)
+    target = mean * 1.004
+    for _ in range(6):
+        expected = state.expert.copy()
+        for b in range(rows):
+            swap = _best_drain_swap(state, target[b], b)
+            if swap is not None:
+                heavy, slot_a, rank_b, slot_b = swap
+                expected[b, heavy, slot_a], expected[b, rank_b, slot_b] = (
+                    state.expert[b, rank_b, slot_b],
+                    state.expert[b, heavy, slot_a],
+                )
+        drain(state, target, max_rounds=1)
+        np.testing.assert_array_equal(state.expert, expected)
+    _check_state(state, experts)
 
 
 def test_sticky_counts_keep_previous_counts_unless_a_replica_gets_too_heavy():
