@@ -294,17 +294,23 @@ def stack_time(
     layers: list[ExpertParallelMoE],
     device: torch.device,
     dtype: torch.dtype,
-    overlap: bool,
+    mode: str,
     warmup: int | None = None,
     iters: int | None = None,
 ) -> float:
     """Mean seconds of forward+backward+replica sync of a residual stack, max over ranks;
-    the sync after the backward, or started from gradient hooks (as EplbCallback does)."""
+    the sync after the backward (``mode="after"``), or started from gradient hooks as
+    EplbCallback does: each layer when the backward reaches the next layer's expert GEMMs
+    (``"next"``, the default) or as soon as its gradients are ready (``"ready"``)."""
     gen = torch.Generator().manual_seed(3 + dist.get_rank())
     x = torch.randn(ARGS.tokens, ARGS.hidden, generator=gen).to(device, dtype)
     gy = torch.randn(ARGS.tokens, ARGS.hidden, generator=gen).to(device, dtype)
+    overlap = mode != "after"
     group = dist.new_group(ranks=list(range(dist.get_world_size()))) if overlap else None
     scheduler = ReplicaSyncOverlap(layers, group) if overlap else None
+    if mode == "ready":
+        for layer in layers:
+            layer.expert_backward_hook = None
 
     def step() -> None:
         h = x
@@ -408,19 +414,19 @@ def main() -> None:
             table = profile_table(even_layer(device, low, redundant, "auto"), device, low)
             emit(["", f"### profile, P={ARGS.experts + redundant}, rank 0, 5 steps", table])
     if ARGS.stack > 0:
-        rows: dict[bool, list[float]] = {False: [], True: []}
+        rows: dict[str, list[float]] = {"after": [], "ready": [], "next": []}
         identical: list[str] = []
         for redundant in extras:
             stack = [even_layer(device, low, redundant, "auto") for _ in range(ARGS.stack)]
-            for overlap in (False, True):
-                rows[overlap].append(stack_time(stack, device, low, overlap))
+            for mode in rows:
+                rows[mode].append(stack_time(stack, device, low, mode))
             # one more step each way, plus a second plain one: the backward itself is not
             # bit-reproducible on GPU (atomic index_add in the dispatch's backward), so the
             # layer the backward reaches first is compared bit for bit and the whole stack
             # against the run-to-run difference of the plain path
             grads = []
-            for overlap in (False, True, False):
-                stack_time(stack, device, low, overlap, warmup=0, iters=1)
+            for mode in ("after", "next", "after"):
+                stack_time(stack, device, low, mode, warmup=0, iters=1)
                 grads.append([p.grad.float().clone() for layer in stack for p in layer.expert_tensors()])
             plain, over, again = grads
             top = slice(-3, None)  # the last layer's w1, w3, w2: first in the backward
@@ -438,8 +444,13 @@ def main() -> None:
             del stack
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        for overlap, times in rows.items():
-            label = "overlapped sync" if overlap else "sync after backward"
+        labels = {
+            "after": "sync after backward",
+            "ready": "overlapped sync, launched when ready",
+            "next": "overlapped sync, launched at the next layer's experts",
+        }
+        for mode, times in rows.items():
+            label = labels[mode]
             lines.append(
                 f"| auto, {ARGS.stack}-layer stack, {label} | {times[0] * 1e3:.2f} | {times[1] * 1e3:.2f} | "
                 f"{times[2] * 1e3:.2f} | {times[1] / times[0] - 1:+.1%} | {times[2] / times[0] - 1:+.1%} |"

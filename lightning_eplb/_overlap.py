@@ -43,7 +43,18 @@ def build_overlap(
         return None, group
     if group is None:
         group = dist.new_group(ranks=list(range(dist.get_world_size())))
+        warm_up(group)
     return ReplicaSyncOverlap(layers, group), group
+
+
+def warm_up(group: dist.ProcessGroup) -> None:
+    """One collective on a new group, on every rank together: NCCL creates a communicator
+    lazily, collectively, on its first operation; were that a point-to-point batch that
+    ranks without replicated experts skip, the others would wait for them forever."""
+    device = torch.device("cpu")
+    if dist.get_backend(group) == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    dist.all_reduce(torch.zeros(1, device=device), group=group)
 
 
 def will_step(trainer: Any, pl_module: Any) -> bool:

@@ -10,12 +10,14 @@ Also when the exchanges launch: a ready layer waits for the next layer's expert 
 
 from __future__ import annotations
 
+from unittest import mock
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from lightning_eplb import ExpertParallelMoE
-from lightning_eplb._overlap import ReplicaSyncOverlap
+from lightning_eplb._overlap import ReplicaSyncOverlap, build_overlap
 from tests._dist import spawn
 from tests.test_moe import random_placement
 
@@ -52,6 +54,7 @@ def _forward(layers: list[ExpertParallelMoE], x: Tensor, twice: int | None, skip
 def _run(rank: int, n: int) -> None:
     torch.set_default_dtype(torch.float64)
     layers = _layers(n)
+    _check_new_group_is_warmed_up(layers)
     group = dist.new_group(ranks=list(range(n)))
     overlap = ReplicaSyncOverlap(layers, group)
     launched: list[int] = []
@@ -95,6 +98,21 @@ def _run(rank: int, n: int) -> None:
         if skip == 0:  # layer 1 is then the last armed layer: it launches when ready
             assert events == ["reach 2", "reach 1", "launch 2", "launch 1"], where
     overlap.remove()
+
+
+def _check_new_group_is_warmed_up(layers: list[ExpertParallelMoE]) -> None:
+    """NCCL builds a communicator on a group's first operation, collectively: the overlap's
+    group must see one collective on every rank before any point-to-point batch (that a rank
+    without replicated experts skips), else the others hang (seen on 4 H100s)."""
+    with mock.patch.object(dist, "all_reduce", wraps=dist.all_reduce) as all_reduce:
+        overlap, group = build_overlap(layers, True, None)
+    assert overlap is not None and group is not None
+    assert [c.kwargs.get("group") for c in all_reduce.call_args_list] == [group]
+    overlap.remove()
+    assert all(layer.expert_backward_hook is None for layer in layers)  # removed with it
+    with mock.patch.object(dist, "all_reduce", wraps=dist.all_reduce) as all_reduce:
+        build_overlap(layers, True, group)[0].remove()  # an existing group: no collective
+    assert not all_reduce.called
 
 
 def test_overlap_bit_identical_to_sync_after_backward() -> None:
