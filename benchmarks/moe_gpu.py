@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_eplb._grouped import resolve_backend
-from lightning_eplb._overlap import ReplicaSyncOverlap
+from lightning_eplb._overlap import ReplicaSyncOverlap, warm_up
 from lightning_eplb._replica_sync import ReplicaIndex
 from lightning_eplb.dense import DenseMoE
 from lightning_eplb.moe import ExpertParallelMoE
@@ -55,6 +55,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--backends", default="auto,bmm", help="expert backends for the slot-cost table")
     parser.add_argument("--sections", default="1,2,3,4", help="which sections to run, e.g. 1,4")
+    parser.add_argument(
+        "--overlap-modes",
+        default="overlap",
+        help="stack rows besides 'after': 'overlap', or 'overlap:N' for an NCCL sync group limited to N CTAs",
+    )
     parser.add_argument(
         "--stack", type=int, default=4, help="section 4: layers of the stacked rows (0: none)"
     )
@@ -300,17 +305,21 @@ def stack_time(
 ) -> float:
     """Mean seconds of forward+backward+replica sync of a residual stack, max over ranks;
     the sync after the backward (``mode="after"``), or started from gradient hooks as
-    EplbCallback does: each layer when the backward reaches the next layer's expert GEMMs
-    (``"next"``, the default) or as soon as its gradients are ready (``"ready"``)."""
+    EplbCallback does (``"overlap"``; ``"overlap:N"``: its NCCL communicator limited to ``N``
+    CTAs, so that it takes fewer SMs from the backward's GEMMs)."""
     gen = torch.Generator().manual_seed(3 + dist.get_rank())
     x = torch.randn(ARGS.tokens, ARGS.hidden, generator=gen).to(device, dtype)
     gy = torch.randn(ARGS.tokens, ARGS.hidden, generator=gen).to(device, dtype)
     overlap = mode != "after"
-    group = dist.new_group(ranks=list(range(dist.get_world_size()))) if overlap else None
+    group = None
+    if overlap:
+        options = None
+        if ":" in mode and device.type == "cuda":
+            options = dist.ProcessGroupNCCL.Options()
+            options.config.max_ctas = int(mode.split(":")[1])
+        group = dist.new_group(ranks=list(range(dist.get_world_size())), pg_options=options)
+        warm_up(group)
     scheduler = ReplicaSyncOverlap(layers, group) if overlap else None
-    if mode == "ready":
-        for layer in layers:
-            layer.expert_backward_hook = None
 
     def step() -> None:
         h = x
@@ -414,18 +423,22 @@ def main() -> None:
             table = profile_table(even_layer(device, low, redundant, "auto"), device, low)
             emit(["", f"### profile, P={ARGS.experts + redundant}, rank 0, 5 steps", table])
     if ARGS.stack > 0:
-        rows: dict[str, list[float]] = {"after": [], "ready": [], "next": []}
+        rows: dict[str, list[float]] = {mode: [] for mode in ("after", *ARGS.overlap_modes.split(","))}
         identical: list[str] = []
         for redundant in extras:
             stack = [even_layer(device, low, redundant, "auto") for _ in range(ARGS.stack)]
             for mode in rows:
-                rows[mode].append(stack_time(stack, device, low, mode))
+                try:
+                    rows[mode].append(stack_time(stack, device, low, mode))
+                except (AttributeError, RuntimeError) as err:  # e.g. no NCCL config in this torch
+                    emit([f"({mode}: {err!r})"])
+                    rows[mode].append(float("nan"))
             # one more step each way, plus a second plain one: the backward itself is not
             # bit-reproducible on GPU (atomic index_add in the dispatch's backward), so the
             # layer the backward reaches first is compared bit for bit and the whole stack
             # against the run-to-run difference of the plain path
             grads = []
-            for mode in ("after", "next", "after"):
+            for mode in ("after", "overlap", "after"):
                 stack_time(stack, device, low, mode, warmup=0, iters=1)
                 grads.append([p.grad.float().clone() for layer in stack for p in layer.expert_tensors()])
             plain, over, again = grads
@@ -444,13 +457,10 @@ def main() -> None:
             del stack
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        labels = {
-            "after": "sync after backward",
-            "ready": "overlapped sync, launched when ready",
-            "next": "overlapped sync, launched at the next layer's experts",
-        }
         for mode, times in rows.items():
-            label = labels[mode]
+            label = "sync after backward" if mode == "after" else "overlapped sync"
+            if ":" in mode:
+                label += f", sync communicator max_ctas={mode.split(':')[1]}"
             lines.append(
                 f"| auto, {ARGS.stack}-layer stack, {label} | {times[0] * 1e3:.2f} | {times[1] * 1e3:.2f} | "
                 f"{times[2] * 1e3:.2f} | {times[1] / times[0] - 1:+.1%} | {times[2] / times[0] - 1:+.1%} |"

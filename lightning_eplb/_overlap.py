@@ -1,19 +1,14 @@
 """Replica-gradient sync overlapped with the backward (used by :class:`~lightning_eplb.EplbCallback`).
 
 Without overlap every layer's replica gradients are exchanged after the whole backward, on
-the critical path. Here each layer's exchange runs during the backward of the layers below
-it, on a process group of its own (its own NCCL communicator and stream);
-:meth:`ReplicaSyncOverlap.finish` completes them all right after the backward
-(``on_after_backward``), before anything else reads or changes the gradients.
-
-When to launch: a layer is *ready* once the backward has produced all its expert gradients
-(``register_post_accumulate_grad_hook``). Launching right then would put the exchange on the
-links together with the layer's own dispatch all-to-all backward, which follows at once and
-is on the critical path (measured: most of the overlapped cost). So a ready layer launches
-when the backward reaches the *next* layer's expert GEMMs (the layer's
-``expert_backward_hook``, called after that layer's combine all-to-all backward): the
-exchange then shares the links with nothing and the GEMMs hide it. The last layer the backward
-reaches, or a layer whose successor never calls the hook, launches when ready.
+the critical path. Here each layer's exchange starts as soon as the backward has produced
+all its expert gradients (``register_post_accumulate_grad_hook``), on a process group of its
+own (its own NCCL communicator and stream), so it runs while the backward of the layers
+below it computes; :meth:`ReplicaSyncOverlap.finish` completes them all right after the
+backward (``on_after_backward``), before anything else reads or changes the gradients.
+(Launching later, when the backward reaches the next layer's expert GEMMs so that the
+exchange does not share the links with the layer's own dispatch all-to-all backward, was
+measured slower on 4 H200s: the exchange then competes with the GEMMs instead.)
 
 Collectives must be issued in the same order on every rank. Hooks fire in backward order,
 which is the same on every rank for the same graph, but to be safe against a graph that
@@ -97,8 +92,6 @@ class ReplicaSyncOverlap:
                 self._handles.append(
                     p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, i))
                 )
-            if hasattr(layer, "expert_backward_hook"):
-                layer.expert_backward_hook = functools.partial(self._on_expert_backward, i)
 
     def arm(self) -> None:
         """Before a backward that ends in an optimizer step: start syncs from hooks."""
@@ -118,25 +111,10 @@ class ReplicaSyncOverlap:
         self._counts[i] += 1
         if self._counts[i] == self._needed[i]:
             self._ready[i] = True
-            if not self._waits_for_next(i):
-                self._launch(until_blocked=True)
+            self._launch(until_blocked=True)
 
-    def _waits_for_next(self, i: int) -> bool:
-        """Whether a later layer in backward order is armed and will call its
-        ``expert_backward_hook``: then layer ``i`` launches from that hook."""
-        return any(
-            self.armed[j] and getattr(self.order[j], "expert_backward_hook", None) is not None
-            for j in range(i + 1, len(self.order))
-        )
-
-    def _on_expert_backward(self, j: int) -> None:
-        """The backward reached layer ``j``'s expert GEMMs: launch the ready layers before it."""
-        if self.is_armed and self.launched < j:
-            self._launch(until_blocked=True, stop=j)
-
-    def _launch(self, until_blocked: bool, stop: int | None = None) -> None:
-        end = len(self.order) if stop is None else stop
-        while self.launched < end:
+    def _launch(self, until_blocked: bool) -> None:
+        while self.launched < len(self.order):
             i = self.launched
             if self.armed[i]:
                 if until_blocked and not self._ready[i]:
@@ -164,6 +142,3 @@ class ReplicaSyncOverlap:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        for layer in self.order:
-            if getattr(layer, "expert_backward_hook", None) is not None:
-                layer.expert_backward_hook = None

@@ -19,7 +19,7 @@ there are no collectives; with the ``grouped_mm`` backend no host synchronisatio
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -161,10 +161,6 @@ class ExpertParallelMoE(nn.Module):
         self._ep_group: dist.ProcessGroup | None = None
         self._ep_size, self._ep_rank, self._is_setup = 1, 0, False
         self._pending_sync: PendingSync | None = None
-        self.expert_backward_hook: Callable[[], None] | None = None
-        """Called once per backward when the backward reaches this layer's expert compute
-        (after the combine's reverse all-to-all, before the expert GEMMs); the overlap uses
-        it to launch earlier layers' replica exchanges while these GEMMs run."""
         self.forward_calls = 0
         """Training forwards with autograd since the callback last reset it (host counter)."""
         self._refresh_replica_index()
@@ -443,9 +439,6 @@ class ExpertParallelMoE(nn.Module):
             *weights,
             backend,
         )
-        if self.expert_backward_hook is not None and y_RH.requires_grad:
-            hook = self.expert_backward_hook
-            y_RH.register_hook(lambda grad: hook())  # returns None: the gradient is unchanged
         y_RH = y_RH.index_select(0, _inverse_permutation(perm_R))
         return all_to_all(y_RH, input_splits, output_splits, group)
 
