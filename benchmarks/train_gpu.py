@@ -41,6 +41,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_eplb import EplbCallback, ExpertParallelMoE, rebalance
+from lightning_eplb.dense import init_logical_experts
 
 LOADS = Path(__file__).resolve().parent / "data" / "prefill_in1024_moe_layers.json"
 
@@ -97,7 +98,13 @@ class FixedRouter(nn.Module):
 
 # ----------------------------------------------------------------------------- model
 class MoEStack(L.LightningModule):
-    def __init__(self, args: argparse.Namespace, num_redundant: int, assignments: list[Tensor]) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        num_redundant: int,
+        assignments: list[Tensor],
+        balanced_slots: bool = False,
+    ) -> None:
         super().__init__()
         self.args = args
         self.layers = nn.ModuleList()
@@ -106,6 +113,8 @@ class MoEStack(L.LightningModule):
             layer = ExpertParallelMoE(
                 args.hidden, args.ffn, args.experts, args.top_k, num_redundant_experts=num_redundant, init_seed=1
             )
+            if balanced_slots and num_redundant:
+                place_for_uniform_load(layer, args)
             layer.gate = FixedRouter(assignment, args.experts)
             self.layers.append(layer)
             self.norms.append(nn.LayerNorm(args.hidden))
@@ -123,6 +132,18 @@ class MoEStack(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=1e-5)
+
+
+def place_for_uniform_load(layer: ExpertParallelMoE, args: argparse.Namespace) -> None:
+    """Give the layer a placement whose ranks get equal tokens under uniform routing (the
+    contiguous start does not: its replicas add tokens to some ranks), so that (c2) is a
+    ceiling: perfect balance with EPLB's slot count, replicas and their gradient exchange."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    placement = rebalance(torch.ones(1, args.experts), layer.num_physical_experts, world)
+    layer.set_placement(
+        placement.physical_to_logical[0], placement.logical_to_physical[0], placement.logical_replica_count[0]
+    )
+    layer.load_logical_experts(init_logical_experts(args.experts, args.hidden, args.ffn, layer.init_seed))
 
 
 class StepTimer(L.Callback):
@@ -177,10 +198,11 @@ def run(
     assignments: list[Tensor],
     eplb: EplbCallback | None,
     count_syncs: bool = False,
+    balanced_slots: bool = False,
 ) -> dict:
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model = MoEStack(args, num_redundant, assignments)
+    model = MoEStack(args, num_redundant, assignments, balanced_slots)
     t_build = time.perf_counter() - t0
     timer = StepTimer()
     callbacks: list[L.Callback] = [timer]
@@ -301,7 +323,7 @@ def main() -> None:
             False,
         ),
         "c1": ("(c1) balanced routing, static slots", 0, uniform, None, False),
-        "c2": ("(c2) balanced routing, EPLB slots", num_redundant, uniform, None, False),
+        "c2": ("(c2) balanced routing, EPLB slots placed for it", num_redundant, uniform, None, False),
     }
     wanted = args.runs.split(",")
     for key in ("a", "b", "c1"):
@@ -311,7 +333,7 @@ def main() -> None:
     for key in wanted:
         label, redundant, assignment, callback, syncs = plans[key]
         t0 = time.perf_counter()
-        by_key[key] = run(args, label, redundant, assignment, callback, count_syncs=syncs)
+        by_key[key] = run(args, label, redundant, assignment, callback, count_syncs=syncs, balanced_slots=key == "c2")
         if rank == 0:  # progress, so that a run cut short still reports what it measured
             r = by_key[key]
             print(
