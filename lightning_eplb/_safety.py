@@ -28,6 +28,7 @@ __all__ = [
     "RankDisagreementError",
     "check_ranks_agree",
     "collective_device",
+    "differing_replicas",
     "digest",
     "failed_ranks",
     "failures",
@@ -207,6 +208,73 @@ def refuse_if_broken(broken: str | None) -> None:
             f"EplbCallback refuses to save a checkpoint: the migration at {broken}. Expert weights "
             "and optimizer state may be half-migrated; resume from the last checkpoint written before it"
         )
+
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def slot_checksums(tensors: Sequence[Tensor]) -> Tensor:
+    """``(S, T)`` int64: per local slot and tensor, the sum of its elements' bit patterns
+    (read as integers of the element's size), so equal bits give equal sums exactly.
+    One slot at a time, so the int64 temporary stays one slot's size.
+
+    Example:
+        >>> w = torch.tensor([[1.0, 2.0], [1.0, 2.0], [2.0, 1.0]])
+        >>> c = slot_checksums([w])
+        >>> bool(c[0, 0] == c[1, 0]), c.shape
+        (True, torch.Size([3, 1]))
+    """
+    columns = []
+    for t in tensors:
+        rows = t.detach().reshape(t.shape[0], -1)
+        if not rows.is_contiguous():
+            rows = rows.contiguous()
+        as_int = rows.view(_INT_OF_SIZE[rows.element_size()]) if rows.is_floating_point() else rows
+        columns.append(torch.stack([row.sum(dtype=torch.int64) for row in as_int]).cpu())
+    return torch.stack(columns, dim=1) if columns else torch.zeros(0, 0, dtype=torch.int64)
+
+
+def differing_replicas(layers: Sequence[tuple[str, Any]], group: dist.ProcessGroup | None = None) -> list[str]:
+    """Replicas of one logical expert whose weights differ (on any rank). Collective.
+
+    Replicas must start identical (the replica-gradient sync keeps them so, never makes
+    them so): a layer whose ranks drew their experts from different seeds, or a user layer
+    initialised per rank, would otherwise train several different "copies" of an expert
+    silently. Every rank sends its ``(S, T)`` :func:`slot_checksums` per layer in one
+    ``all_gather`` and gets the same answer.
+
+    Args:
+        layers: ``(name, layer)`` of the balanced layers, as on every rank.
+        group: the EP group (None: the default group).
+
+    Returns:
+        One line per layer with differing replicas, naming the experts and their slots.
+    """
+    sums = [slot_checksums(layer.expert_tensors()) for _, layer in layers]
+    if _distributed(group):
+        mine = torch.cat([c.reshape(-1) for c in sums]).to(collective_device(group))
+        parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, mine, group=group)
+        gathered = torch.stack(parts).cpu()  # (N, sum over layers of S * T)
+        offset, full = 0, []
+        for c in sums:
+            size = c.numel()
+            full.append(gathered[:, offset : offset + size].reshape(-1, c.shape[1]))  # (P, T), slot order
+            offset += size
+        sums = full
+    lines = []
+    for (name, layer), sums_PT in zip(layers, sums, strict=True):
+        p2l_P = layer.physical_to_logical.detach().cpu().to(torch.int64)
+        first_E = layer.logical_to_physical.detach().cpu().to(torch.int64)[:, 0]
+        bad_P = (sums_PT != sums_PT[first_E[p2l_P]]).any(dim=1)
+        experts = sorted(set(p2l_P[bad_P].tolist()))
+        if experts:
+            where = "; ".join(
+                f"expert {e} in slots {(p2l_P == e).nonzero().view(-1).tolist()}" for e in experts[:5]
+            )
+            more = f" (and {len(experts) - 5} more)" if len(experts) > 5 else ""
+            lines.append(f"{name or 'layer'}: {where}{more}")
+    return lines
 
 
 # ---------------------------------------------------------------------------- callback fingerprints

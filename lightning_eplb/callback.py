@@ -253,6 +253,23 @@ class EplbCallback(Callback):
         """
         _safety.check_ranks_agree(_safety.setup_fingerprint(self, self._num_ranks), "EplbCallback.setup")
 
+    def _verify_replicas_identical(self) -> None:
+        """Replicas of an expert must hold the same weights when training starts (after any
+        checkpoint was restored); checked across ranks with one all-gather of checksums.
+
+        Raises:
+            MisconfigurationException: on every rank, naming the layers, experts and slots.
+        """
+        differing = _safety.differing_replicas(self.layers)
+        if differing:
+            raise MisconfigurationException(
+                "EplbCallback: replicas of one expert hold different weights: "
+                + " | ".join(differing)
+                + ". Every rank must build the layers with the same expert weights: give "
+                "ExpertParallelMoE an init_seed (or call lightning.seed_everything before building the "
+                "model); a layer of your own must initialise each logical expert identically on every rank"
+            )
+
     def _window_shape(self) -> tuple[int, int, int, int]:
         w = self._window
         assert w is not None
@@ -273,6 +290,7 @@ class EplbCallback(Callback):
             layer.reset_expert_load()  # drop counts of training-mode forwards outside fit
         if self.layers:
             _safety.check_ranks_agree(_safety.train_fingerprint(self, trainer), "EplbCallback.on_train_start")
+            self._verify_replicas_identical()
         if self.trace and self._trace_writer is None:
             self._trace_writer = utils.open_trace(trainer, self.layers, self._num_ranks)
 

@@ -22,7 +22,13 @@ from torch import nn
 
 from lightning_eplb import EplbCallback, ExpertParallelMoE
 from lightning_eplb import _callback_utils as utils
-from lightning_eplb._safety import MigrationError, RankDisagreementError, check_ranks_agree, entry
+from lightning_eplb._safety import (
+    MigrationError,
+    RankDisagreementError,
+    check_ranks_agree,
+    differing_replicas,
+    entry,
+)
 from lightning_eplb.placement import Placement
 from tests._dist import spawn
 
@@ -295,3 +301,18 @@ def test_single_process_checks_are_free():
     model = _Model()
     _setup(cb, model)
     assert cb._window is not None
+
+
+def test_differing_replicas_on_one_process() -> None:
+    """Replicas held in one process: bit-identical passes; one changed element, or a change
+    of sign (the same float sum, other bits), is named with its expert and slots."""
+    layer = ExpertParallelMoE(8, 12, 4, 2, num_redundant_experts=4, init_seed=0)  # slots 4..7 replicate 0..3
+    layers = [("moe", layer)]
+    assert differing_replicas(layers) == []
+    with torch.no_grad():
+        layer.w2[6, 0, 0] = -layer.w2[6, 0, 0]  # expert 2's replica
+    assert differing_replicas(layers) == ["moe: expert 2 in slots [2, 6]"]
+    with torch.no_grad():
+        layer.w2[6, 0, 0] = -layer.w2[6, 0, 0]
+        layer.w1[1, 3, 5] = torch.nextafter(layer.w1[1, 3, 5], torch.tensor(1.0))  # one ulp
+    assert differing_replicas(layers) == ["moe: expert 1 in slots [1, 5]"]

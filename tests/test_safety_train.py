@@ -1,6 +1,7 @@
 """Failures inside ``Trainer.fit`` on 2 gloo ranks: a migration failing on one rank stops
 every rank, no checkpoint is written from the half-migrated state, the last good checkpoint
-resumes exactly; an uneven last batch is caught at the next rearrangement.
+resumes exactly; an uneven last batch is caught at the next rearrangement; replicas that
+differ between ranks are refused when training starts.
 
 One spawned pair runs every fit (Lightning joins the process group of the launcher's
 environment); the last check re-creates the group with a 5 s timeout.
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, Subset
 
 from lightning_eplb import EplbCallback, migration
@@ -146,6 +148,18 @@ def _run(rank: int, world_size: int, tmp: str, port: int) -> None:
         match=r"EPLB step 5: ranks disagree on epoch \(ranks \[0\]: 0; ranks \[1\]: 1\)",
     ):
         _fit(_Net(), tmp, [cb], rows=rows, max_steps=6)
+
+    # replicas that differ between ranks (as when ranks draw experts from different seeds):
+    # refused when training starts, on every rank, naming the layer, experts and slots
+    model = _Net()
+    with torch.no_grad():
+        model.moes[1].w3.add_(0.5 * rank)  # every slot of rank 1: replicas split over ranks differ
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"replicas of one expert hold different weights: moes\.1: expert 0 in slots \[0, 4\]; "
+        r"expert 1 in slots \[1, 5\]\. .*init_seed",
+    ):
+        _fit(model, tmp, [EplbCallback(step_interval=2, log_every_n_steps=0)], max_steps=2)
 
     # a failure before the transfers (packing on rank 1) leaves rank 0 waiting for messages
     # that never come: it fails at the process group's timeout (5 s here), rank 1 fails too
