@@ -28,11 +28,16 @@ from lightning_eplb.placement import Placement
 
 
 def clip_global_norm(
-    optimizer: torch.optim.Optimizer, layers: list[tuple[str, Any]], max_norm: float
+    optimizer: torch.optim.Optimizer,
+    layers: list[tuple[str, Any]],
+    max_norm: float,
+    ep_group: dist.ProcessGroup | None = None,
+    ep_rank: int | None = None,
 ) -> None:
     """``clip_grad_norm_(params, max_norm)`` with the norm of the model without expert
     parallelism: replicated parameters once, each logical expert once (a slot's squared
-    norm divided by its expert's replica count, summed over ranks with one all-reduce).
+    norm divided by its expert's replica count, summed over the ``ep_group``'s ranks with
+    one all-reduce; ``ep_rank``: this rank in it, default the global rank).
     No host synchronisation."""
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     if not grads:
@@ -43,7 +48,7 @@ def clip_global_norm(
     dense_sq = torch.zeros((), dtype=dtype, device=device)
     expert_sq = torch.zeros((), dtype=dtype, device=device)
     distributed = dist.is_available() and dist.is_initialized()
-    rank = dist.get_rank() if distributed else 0
+    rank = ep_rank if ep_rank is not None else (dist.get_rank() if distributed else 0)
     for group in optimizer.param_groups:
         for p in group["params"]:
             if p.grad is None:
@@ -58,7 +63,7 @@ def clip_global_norm(
             per_slot = p.grad.detach().to(dtype).reshape(slots, -1).pow(2).sum(1).to(device)
             expert_sq += (per_slot / replicas_S).sum()
     if distributed and any(i in held for i in expert_grads):
-        dist.all_reduce(expert_sq)
+        dist.all_reduce(expert_sq, group=ep_group)
     total = (dense_sq + expert_sq).sqrt()
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
@@ -232,8 +237,11 @@ def check_strategy(strategy: Any) -> None:
         )
 
 
-def check_layers(layers: list[tuple[str, Any]], num_ranks: int) -> tuple[int, int, int]:
-    """``(E, P, G)`` shared by all layers; raises on layers that cannot be balanced together."""
+def check_layers(
+    layers: list[tuple[str, Any]], num_ranks: int, ranks_are: str = "the world size"
+) -> tuple[int, int, int]:
+    """``(E, P, G)`` shared by all layers; raises on layers that cannot be balanced together
+    (``ranks_are`` names ``num_ranks`` in the message)."""
     first_name, first = layers[0]
     num_logical, num_physical = int(first.num_logical_experts), int(first.num_physical_experts)
     num_groups = int(getattr(first, "num_expert_groups", 1))
@@ -249,17 +257,10 @@ def check_layers(layers: list[tuple[str, Any]], num_ranks: int) -> tuple[int, in
                 f"all balanced layers must have the same num_expert_groups: {first_name} has {num_groups}, "
                 f"{name} has {getattr(layer, 'num_expert_groups', 1)}"
             )
-        group = getattr(layer, "process_group", None)
-        if group is not None and dist.is_available() and dist.is_initialized():
-            if dist.get_world_size(group) != num_ranks:
-                raise MisconfigurationException(
-                    f"layer {name} has an expert-parallel group of {dist.get_world_size(group)} ranks; "
-                    f"EplbCallback needs the whole world ({num_ranks} ranks): pass process_group=None"
-                )
     if num_physical % num_ranks:
         raise MisconfigurationException(
             f"num_physical_experts ({num_physical}) = experts ({num_logical}) + redundant experts "
-            f"({num_physical - num_logical}) must be divisible by the world size ({num_ranks}); "
+            f"({num_physical - num_logical}) must be divisible by {ranks_are} ({num_ranks}); "
             "change num_redundant_experts or the number of devices"
         )
     return num_logical, num_physical, num_groups
@@ -297,8 +298,10 @@ def migrate(
     num_nodes: int,
     with_optimizer_state: bool,
     device: torch.device | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> Any:
-    """One :func:`migrate_experts` call for the weights (and optimizer state) of every layer.
+    """One :func:`migrate_experts` call for the weights (and optimizer state) of every layer,
+    within the EP ``group`` (every EP group moves its own copy; the agreements span the world).
 
     Two agreements (one ``all_reduce`` of ``N`` int64 each) make a failure on one rank end
     the migration on every rank: after collecting the tensors (nothing moved yet) and after
@@ -336,7 +339,7 @@ def migrate(
     try:
         with torch.no_grad():
             stats = migration.migrate_experts(
-                old_LP, new_LP, tensors, group=None, max_buffer_bytes=max_buffer_bytes, num_nodes=num_nodes
+                old_LP, new_LP, tensors, group=group, max_buffer_bytes=max_buffer_bytes, num_nodes=num_nodes
             )
     except Exception as exc:
         error = exc

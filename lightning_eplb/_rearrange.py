@@ -67,6 +67,7 @@ def rearrange(cb: Any, trainer: pl.Trainer, load: WindowLoad, step: int) -> None
                 cb._num_nodes,
                 cb.migrate_optimizer_state,
                 device=load.slot_LP.device,
+                group=cb._layout.ep_group,
             )
         except _safety.MigrationError as exc:
             if exc.half_done:

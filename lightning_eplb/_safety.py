@@ -28,6 +28,7 @@ __all__ = [
     "RankDisagreementError",
     "check_ranks_agree",
     "collective_device",
+    "differing_copies",
     "differing_replicas",
     "digest",
     "failed_ranks",
@@ -274,6 +275,34 @@ def differing_replicas(layers: Sequence[tuple[str, Any]], group: dist.ProcessGro
             )
             more = f" (and {len(experts) - 5} more)" if len(experts) > 5 else ""
             lines.append(f"{name or 'layer'}: {where}{more}")
+    return lines
+
+
+def differing_copies(layers: Sequence[tuple[str, Any]], group: dist.ProcessGroup | None) -> list[str]:
+    """With expert parallelism inside data parallelism: slots whose weights differ between
+    the EP groups' copies (the ranks of the DP ``group`` hold the same slots). Collective.
+
+    Returns:
+        One line per layer with differing copies, naming the local slots.
+    """
+    if not _distributed(group):
+        return []
+    sums = [slot_checksums(layer.expert_tensors()) for _, layer in layers]
+    mine = torch.cat([c.reshape(-1) for c in sums]).to(collective_device(group))
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, mine, group=group)
+    gathered = torch.stack(parts).cpu()  # (D, sum over layers of S * T)
+    lines, offset = [], 0
+    for (name, _), c in zip(layers, sums, strict=True):
+        size = c.numel()
+        copies = gathered[:, offset : offset + size].reshape(len(parts), c.shape[0], -1)  # (D, S, T)
+        offset += size
+        bad_S = (copies != copies[:1]).any(dim=2).any(dim=0)
+        if bool(bad_S.any()):
+            lines.append(
+                f"{name or 'layer'}: local slots {bad_S.nonzero().view(-1).tolist()} differ between the "
+                "data-parallel copies of the experts"
+            )
     return lines
 
 

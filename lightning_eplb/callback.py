@@ -2,7 +2,7 @@
 
 Shapes (suffixes used in names below):
     L: balanced MoE layers     E: logical experts per layer     P: physical slots per layer
-    N: expert-parallel ranks (the whole world), S = P // N slots per rank
+    N: expert-parallel ranks (the whole world, or the layers' EP group), S = P // N slots per rank
 
 Per optimizer step the callback syncs replica gradients (before clipping) and moves the
 layers' counters into an :class:`~lightning_eplb.load.ExpertLoadWindow`. Every
@@ -28,6 +28,12 @@ from typing_extensions import override
 
 from lightning_eplb import _callback_utils as utils
 from lightning_eplb import _safety
+from lightning_eplb._ep_layout import (
+    ExpertParallelLayout,
+    average_over_copies,
+    expert_parallel_layout,
+    nodes_per_ep_group,
+)
 from lightning_eplb._overlap import ReplicaSyncOverlap, build_overlap, will_step
 from lightning_eplb._rearrange import rearrange
 from lightning_eplb.load import ExpertLoadWindow, WindowLoad, token_statistics
@@ -41,8 +47,12 @@ _STATE_VERSION = 1
 class EplbCallback(Callback):
     """Balance the experts of every :class:`~lightning_eplb.BalanceableMoE` layer during training.
 
-    Supported strategies: single device and DDP (``"ddp"``, ``"ddp_spawn"``, ...); the expert-
-    parallel group is the whole world. The callback excludes expert parameters and the
+    Supported strategies: single device and DDP (``"ddp"``, ``"ddp_spawn"``, ...). The expert-
+    parallel (EP) group is the whole world, or the layers' ``process_group``: equal, disjoint
+    subgroups (e.g. one per node), each holding every slot; then the placement is computed for
+    one group from the loads of all ranks, every group migrates its own copy, and expert
+    gradients are averaged over the copies as DDP averages the rest
+    (:mod:`lightning_eplb._ep_layout`). The callback excludes expert parameters and the
     placement/load buffers from DDP (``_ddp_params_and_buffers_to_ignore``): expert
     gradients are synced across replicas by the layers instead, and the placement buffers
     are kept identical by the callback itself, so DDP's buffer broadcast is not needed.
@@ -171,6 +181,7 @@ class EplbCallback(Callback):
         self._warned_empty = False
         self._overlap: ReplicaSyncOverlap | None = None
         self._sync_group: Any = None
+        self._layout = ExpertParallelLayout()
         self._synced: set[int] = set()  # id of layers whose replica sync finished this step
         self._module: pl.LightningModule | None = None  # its on_save_checkpoint is wrapped
 
@@ -204,15 +215,20 @@ class EplbCallback(Callback):
 
     def _setup_layers(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.layers = utils.find_layers(pl_module)
-        num_ranks = int(trainer.world_size)
+        world_size = int(trainer.world_size)
         utils.check_strategy(trainer.strategy)
-        num_logical, num_physical, num_groups = utils.check_layers(self.layers, num_ranks)
         num_nodes = self.num_nodes if self.num_nodes is not None else int(trainer.num_nodes)
-        if num_ranks % num_nodes:
+        if world_size % num_nodes:
             raise MisconfigurationException(
-                f"the world size ({num_ranks}) must be divisible by num_nodes ({num_nodes}); "
+                f"the world size ({world_size}) must be divisible by num_nodes ({num_nodes}); "
                 "pass EplbCallback(num_nodes=...) that divides it, or leave it to the trainer"
             )
+        self._layout = expert_parallel_layout(self.layers, world_size)
+        num_ranks = self._layout.ep_size
+        num_logical, num_physical, num_groups = utils.check_layers(
+            self.layers, num_ranks, "the world size" if num_ranks == world_size else "the expert-parallel group size"
+        )
+        num_nodes = nodes_per_ep_group(num_nodes, world_size, num_ranks)
         self._num_ranks, self._num_nodes, self._num_groups = num_ranks, num_nodes, num_groups
         log_every = self.log_every_n_steps
         self._log_every = int(getattr(trainer, "log_every_n_steps", 50)) if log_every is None else log_every
@@ -238,7 +254,9 @@ class EplbCallback(Callback):
         """Hooks that start replica-gradient syncs during the backward, on a group of their own."""
         if self._overlap is not None:
             self._overlap.remove()
-        wanted = stage == "fit" and self.overlap_grad_sync and self._num_ranks > 1
+        # (on EP subgroups the replica sync runs after the backward: the overlap's own
+        # group mirrors the whole world)
+        wanted = stage == "fit" and self.overlap_grad_sync and self._num_ranks > 1 and self._layout.dp_size == 1
         self._overlap, self._sync_group = build_overlap(
             [lay for _, lay in self.layers], wanted, self._sync_group
         )
@@ -260,11 +278,16 @@ class EplbCallback(Callback):
         Raises:
             MisconfigurationException: on every rank, naming the layers, experts and slots.
         """
-        differing = _safety.differing_replicas(self.layers)
-        if differing:
+        differing = _safety.differing_replicas(self.layers, self._layout.ep_group)
+        if self._layout.dp_size > 1:
+            differing += _safety.differing_copies(self.layers, self._layout.dp_group)
+        # with EP subgroups each group sees its own replicas: one more agreement, so that
+        # every rank raises together
+        found_on = _safety.failed_ranks(bool(differing)) if self._layout.dp_size > 1 else [0] * bool(differing)
+        if found_on:
             raise MisconfigurationException(
                 "EplbCallback: replicas of one expert hold different weights: "
-                + " | ".join(differing)
+                + (" | ".join(differing) if differing else f"found on ranks {found_on}")
                 + ". Every rank must build the layers with the same expert weights: give "
                 "ExpertParallelMoE an init_seed (or call lightning.seed_everything before building the "
                 "model); a layer of your own must initialise each logical expert identically on every rank"
@@ -307,8 +330,11 @@ class EplbCallback(Callback):
             for _, layer in self.layers:
                 if id(layer) not in synced:
                     layer.sync_replica_grads()
+            average_over_copies(self.layers, self._layout)
         if self._clip_norm is not None:
-            utils.clip_global_norm(optimizer, self.layers, self._clip_norm)
+            utils.clip_global_norm(
+                optimizer, self.layers, self._clip_norm, self._layout.ep_group, self._layout.ep_rank
+            )
 
     def _holds_expert_params(self, optimizer: torch.optim.Optimizer) -> bool:
         key = (id(optimizer), len(optimizer.param_groups))  # add_param_group invalidates

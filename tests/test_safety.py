@@ -129,14 +129,19 @@ def _run_misconfigurations(rank: int, world_size: int) -> None:
     plain.lin = nn.Linear(2, 2)
     _raises(MisconfigurationException, "found no balanceable MoE layer", _setup, EplbCallback(), plain)
     singles = [dist.new_group([r]) for r in range(world_size)]  # every rank joins every new_group
-    sub = _Model(process_group=singles[rank])
+    mixed = _Model(process_group=singles[0] if rank == 0 else None)  # rank 0 on a subgroup only
     _raises(
         MisconfigurationException,
-        r"expert-parallel group of 1 ranks; .* whole world \(2 ranks\)",
+        r"expert-parallel groups must split the world into disjoint groups of one size, got \[0\], \[0, 1\]",
         _setup,
         EplbCallback(),
-        sub,
+        mixed,
     )
+    sub = _Model(process_group=singles[rank])  # expert parallelism of 1 inside data parallelism of 2
+    cb = EplbCallback()
+    _setup(cb, sub)
+    assert (cb._layout.ep_size, cb._layout.dp_size, cb._num_ranks) == (1, 2, 1)
+    assert sub.moes[0].num_local_experts == sub.moes[0].num_physical_experts
     # --- a custom policy returning a placement of the wrong shape: ValueError (a RuntimeError
     # naming rank 0 on a rank where the policy happened to succeed), nobody left in a collective
     cb = EplbCallback(step_interval=1, policy=lambda load, p, n, **k: Placement.contiguous(1, E, 2 * p, n))
