@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_eplb import EplbCallback, ExpertParallelMoE
+from lightning_eplb._ep_layout import nodes_per_ep_group
 from tests._dist import spawn
 from tests.test_callback_train import (
     LIGHTNING_RESUMES_BATCH_END_EXACTLY,
@@ -131,3 +132,14 @@ def test_expert_parallel_groups_inside_data_parallelism(tmp_path):
     if LIGHTNING_RESUMES_BATCH_END_EXACTLY:
         resumed = torch.load(tmp_path / "resumed.pt")["resumed"]
         torch.testing.assert_close(resumed, expected[4:], rtol=1e-9, atol=0)
+
+
+def test_nodes_per_expert_parallel_group() -> None:
+    """Hierarchical placement sees the nodes one EP group spans (ranks numbered node by node)."""
+    assert nodes_per_ep_group(1, 8, 8) == 1  # one node, EP = world
+    assert nodes_per_ep_group(4, 32, 32) == 4  # EP = world over 4 nodes (as before)
+    assert nodes_per_ep_group(2, 16, 8) == 1  # one EP group per node
+    assert nodes_per_ep_group(2, 16, 4) == 1  # two per node
+    assert nodes_per_ep_group(8, 64, 16) == 2  # groups of two nodes
+    with pytest.raises(MisconfigurationException, match="do not align with 4 nodes of 6 ranks"):
+        nodes_per_ep_group(4, 24, 4)
