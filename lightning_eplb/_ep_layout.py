@@ -41,6 +41,8 @@ class ExpertParallelLayout:
         ep_rank: this rank in its EP group.
         dp_group: the ranks holding the same slots in the other EP groups (None when ``D == 1``).
         dp_size: ``D = W / N``.
+        ep_groups: the global ranks of every EP group, in increasing first rank (None when
+            the EP group is the whole world).
     """
 
     ep_group: dist.ProcessGroup | None = None
@@ -48,6 +50,7 @@ class ExpertParallelLayout:
     ep_rank: int = 0
     dp_group: dist.ProcessGroup | None = None
     dp_size: int = 1
+    ep_groups: list[list[int]] | None = None
 
 
 def expert_parallel_layout(layers: list[tuple[str, Any]], world_size: int) -> ExpertParallelLayout:
@@ -97,7 +100,9 @@ def expert_parallel_layout(layers: list[tuple[str, Any]], world_size: int) -> Ex
             dp_group = created
     assert dp_group is not None
     warm_up(dp_group)
-    return ExpertParallelLayout(group, ep_size, ep_rank, dp_group, world_size // ep_size)
+    return ExpertParallelLayout(
+        group, ep_size, ep_rank, dp_group, world_size // ep_size, [list(m) for m in distinct]
+    )
 
 
 def nodes_per_ep_group(num_nodes: int, world_size: int, ep_size: int) -> int:

@@ -29,15 +29,25 @@ import torch.distributed as dist
 
 
 def build_overlap(
-    layers: list[Any], wanted: bool, group: dist.ProcessGroup | None
+    layers: list[Any],
+    wanted: bool,
+    group: dist.ProcessGroup | None,
+    ep_groups: list[list[int]] | None = None,
 ) -> tuple[ReplicaSyncOverlap | None, dist.ProcessGroup | None]:
-    """The overlap for the layers that support it, and its process group (created on first
-    use: every rank must call this at the same point, e.g. in the callback's ``setup``)."""
+    """The overlap for the layers that support it, and its process group: ``group`` if given,
+    else created (every rank must call this at the same point, e.g. in the callback's
+    ``setup``): a copy of the whole world, or with ``ep_groups`` (the global ranks of every
+    expert-parallel subgroup) a copy of each, every rank creating all of them in order."""
     layers = [layer for layer in layers if supports_overlap(layer)]
     if not wanted or not layers:
         return None, group
     if group is None:
-        group = dist.new_group(ranks=list(range(dist.get_world_size())))
+        rank = dist.get_rank()
+        for ranks in ep_groups or [list(range(dist.get_world_size()))]:
+            created = dist.new_group(ranks=ranks)
+            if rank in ranks:
+                group = created
+        assert group is not None
         warm_up(group)
     return ReplicaSyncOverlap(layers, group), group
 

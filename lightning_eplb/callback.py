@@ -181,6 +181,7 @@ class EplbCallback(Callback):
         self._warned_empty = False
         self._overlap: ReplicaSyncOverlap | None = None
         self._sync_group: Any = None
+        self._sync_group_key: list[list[int]] | None = None
         self._layout = ExpertParallelLayout()
         self._synced: set[int] = set()  # id of layers whose replica sync finished this step
         self._module: pl.LightningModule | None = None  # its on_save_checkpoint is wrapped
@@ -254,12 +255,13 @@ class EplbCallback(Callback):
         """Hooks that start replica-gradient syncs during the backward, on a group of their own."""
         if self._overlap is not None:
             self._overlap.remove()
-        # (on EP subgroups the replica sync runs after the backward: the overlap's own
-        # group mirrors the whole world)
-        wanted = stage == "fit" and self.overlap_grad_sync and self._num_ranks > 1 and self._layout.dp_size == 1
+        wanted = stage == "fit" and self.overlap_grad_sync and self._num_ranks > 1
+        key = self._layout.ep_groups  # the sync group mirrors the EP group: rebuilt if that changed
+        cached = self._sync_group if self._sync_group_key == key else None
         self._overlap, self._sync_group = build_overlap(
-            [lay for _, lay in self.layers], wanted, self._sync_group
+            [lay for _, lay in self.layers], wanted, cached, self._layout.ep_groups
         )
+        self._sync_group_key = key
 
     def _verify_ranks_agree(self, trainer: pl.Trainer) -> None:
         """Compare a fingerprint of the callback's arguments, the world size and the layers'

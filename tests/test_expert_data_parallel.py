@@ -2,8 +2,8 @@
 (layers built in ``configure_model`` on their EP subgroup), trained by ``Trainer.fit`` with
 EPLB, equal the one-process model without EPLB step for step (float64): the placement
 comes from the loads of all 4 ranks, each EP group migrates its own copy of the experts and
-their Adam state, expert gradients are averaged over the copies, clipping sees each expert
-once. A placement-free checkpoint written there resumes on 2 ranks with the whole world as
+their Adam state, replica gradients are exchanged during the backward within each EP group
+and then averaged over the copies, clipping sees each expert once. A placement-free checkpoint written there resumes on 2 ranks with the whole world as
 the EP group and continues the same losses. Copies that differ between the EP groups are
 refused when training starts.
 """
@@ -69,7 +69,14 @@ def _run(rank: int, world_size: int, tmp: str) -> None:
     cb = EplbCallback(step_interval=2, window_size=3, min_improvement=0.0, log_every_n_steps=0)
     model = _SubgroupNet(ep=2)
     ckpt = ModelCheckpoint(dirpath=tmp, filename="ep2dp2-{step}", every_n_train_steps=4, save_top_k=-1)
-    _fit(model, world_size, tmp, [cb, ckpt])
+    launches: list[int] = []  # replica syncs started during the backward, on the EP group's copy
+    start = ExpertParallelMoE.start_replica_grad_sync
+    ExpertParallelMoE.start_replica_grad_sync = lambda self, *a: launches.append(1) or start(self, *a)
+    try:
+        _fit(model, world_size, tmp, [cb, ckpt])
+    finally:
+        ExpertParallelMoE.start_replica_grad_sync = start
+    out["launches"] = len(launches)
     out["eplb"], out["records"] = _global_losses(model), cb.rearrangements
     out["layout"] = (cb._layout.ep_size, cb._layout.dp_size, model.moes[0].num_local_experts)
     # every slot moves every 2 steps: weights and Adam state travel within each EP group
@@ -122,6 +129,7 @@ def test_expert_parallel_groups_inside_data_parallelism(tmp_path):
     spawn(_run, world_size=4, args=(str(tmp_path),), timeout_s=240, init=False)
     out = torch.load(tmp_path / "ep2dp2.pt")
     assert out["layout"] == (2, 2, (E + 2) // 2)
+    assert out["launches"] == 8 * 2  # overlapped: once per layer per optimizer step
     torch.testing.assert_close(out["eplb"], expected, rtol=1e-9, atol=0)
     assert [r["step"] for r in out["records"]] == [2.0, 4.0, 6.0, 8.0]
     assert any(r["slots_changed"] > 0 for r in out["records"] if not r["skipped"])
