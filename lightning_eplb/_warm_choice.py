@@ -15,6 +15,7 @@ import numpy as np
 
 from lightning_eplb._packing import PackState, improve, repair, warm_pack
 from lightning_eplb._warm import cycle_cover, drain
+from lightning_eplb._warm_lp import lp_guide
 
 __all__ = ["flat_warm", "pick_rows", "row_peak", "spend_budget", "warm_start"]
 
@@ -44,6 +45,7 @@ def warm_start(
     target_B: np.ndarray,
     cycles: bool = True,
     best_fit: bool = True,
+    guided: bool = True,
 ) -> PackState:
     """Packing from a previous one with few changed slots, each row at or near its target.
 
@@ -55,8 +57,9 @@ def warm_start(
     repair(warm)
     warm.home = previous_BNS
     if cycles:
-        for _ in range(COVER_PASSES):
-            cycle_cover(warm, target_B, best_fit)
+        for i in range(COVER_PASSES):
+            guide = lp_guide(warm, target_B) if guided and i == 0 else None
+            cycle_cover(warm, target_B, best_fit, guide)
         repair(warm)
         drain(warm, target_B)
     improve(warm, target_B, few_moves=True)
