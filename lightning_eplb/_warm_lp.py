@@ -16,8 +16,10 @@ where ``j`` runs over the options (rank, slot): an overloaded rank's option is i
 interval ``(a - e, a]`` with cost ``changed - STRAND_PENALTY`` (a reward for fixing the
 rank), another rank's is its room interval ``(a, a + s]`` with cost ``changed`` (1 if the
 slot still holds its previous expert, else 0). :func:`lp_guide` runs a fixed number of
-diagonally preconditioned primal-dual (PDHG, Chambolle-Pock) iterations on all rows at
-once; the interval sums are prefix sums over the sorted interval ends, so one iteration
+diagonally preconditioned primal-dual (PDHG, Chambolle-Pock) steps on all rows at once,
+in the reflected Halpern form (each iterate moves to ``k / (k + 1)`` of the reflected
+step, anchored at zero; faster than plain PDHG here: 200 of these guide the cover about
+as well as 300 plain ones); the interval sums are prefix sums over the sorted interval ends, so one iteration
 is a handful of array operations. The greedy then prefers the options with large ``x``.
 
 Shapes: ``B`` rows, ``N`` ranks, ``S`` slots per rank, ``J = N * S`` options, ``L = 2 J``
@@ -102,7 +104,8 @@ def lp_guide(state: PackState, target_B: np.ndarray, iterations: int | None = No
     x_BJ = np.zeros((num_rows, num_opts))
     y_BL = np.zeros((num_rows, num_levels))
     z_BN = np.zeros((num_rows, num_ranks))
-    for _ in range(iterations):
+    new_BJ = x_BJ
+    for step in range(iterations):
         sums = prefix(y_BL)
         grad_BJ = (
             c_BJ
@@ -111,9 +114,13 @@ def lp_guide(state: PackState, target_B: np.ndarray, iterations: int | None = No
         )
         new_BJ = np.minimum(np.maximum(x_BJ - tau_BJ * grad_BJ, 0.0), ub_BJ)
         bar_BJ = new_BJ + new_BJ - x_BJ
-        y_BL = np.maximum(y_BL - sigma_BL * cover(sign_BJ * bar_BJ), 0.0)
-        z_BN = np.maximum(
+        new_BL = np.maximum(y_BL - sigma_BL * cover(sign_BJ * bar_BJ), 0.0)
+        new_BN = np.maximum(
             z_BN + sigma_BN * (bar_BJ.reshape(num_rows, num_ranks, per_rank).sum(-1) - 1.0), 0.0
         )
-        x_BJ = new_BJ
-    return x_BJ.reshape(num_rows, num_ranks, per_rank)
+        # Halpern iteration on the reflected step, anchored at the zero start
+        keep = (step + 1.0) / (step + 2.0)
+        x_BJ = keep * (2.0 * new_BJ - x_BJ)
+        y_BL = keep * (2.0 * new_BL - y_BL)
+        z_BN = keep * (2.0 * new_BN - z_BN)
+    return new_BJ.reshape(num_rows, num_ranks, per_rank)
