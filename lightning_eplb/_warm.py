@@ -42,6 +42,8 @@ STICKY_SLACK = 0.15
 MAX_OPENS = 6
 #: Relative margin under the target kept by :func:`cycle_cover` against rounding.
 COVER_MARGIN = 1e-9
+#: With a guide, an option costs this times ``1 - guide`` more in :func:`cycle_cover`.
+GUIDE_WEIGHT = 1.0
 #: In :func:`drain`, a swap's gain drops by this fraction of the target per slot it changes.
 DRAIN_PENALTY = 5e-3
 
@@ -139,8 +141,14 @@ def _levels(ends_BX: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return points, level
 
 
-def _cover(state: PackState, target_B: np.ndarray) -> tuple[np.ndarray, ...]:
+def _cover(
+    state: PackState, target_B: np.ndarray, guide_BNS: np.ndarray | None = None
+) -> tuple[np.ndarray, ...]:
     """Choose the released slots and caps of one cover pass.
+
+    With ``guide_BNS`` (``(B, N, S)`` in ``[0, 1]``, see :mod:`~lightning_eplb._warm_lp`), an
+    option whose slot has guide ``g`` costs ``GUIDE_WEIGHT * (1 - g)`` more (after changed
+    slots, before the number of rooms opened).
 
     Returns:
         ``(row, rank, slot, cap)`` of every released slot, caps in units of the target.
@@ -151,6 +159,7 @@ def _cover(state: PackState, target_B: np.ndarray) -> tuple[np.ndarray, ...]:
     slack_BN = 1.0 - state.rank_load / scale_B[:, None]
     paid_BNS = np.zeros(item_BNS.shape, dtype=bool) if state.home is None else state.expert != state.home
     cost_BNS = (~paid_BNS).astype(np.float64)
+    pen_BNS = np.zeros(item_BNS.shape) if guide_BNS is None else GUIDE_WEIGHT * (1.0 - guide_BNS)
     over_BN = slack_BN < 0
     num_over = int(over_BN.sum(1).max())
     rows = np.arange(num_rows)
@@ -181,7 +190,9 @@ def _cover(state: PackState, target_B: np.ndarray) -> tuple[np.ndarray, ...]:
     room_idx_BU = np.argsort(~room_BN, axis=1, kind="stable")[:, :num_room]
     room_ok_BU = np.take_along_axis(room_BN, room_idx_BU, 1)
     ru_lo_BUS, ru_hi_BUS = (x[rows[:, None], room_idx_BU] for x in (u_lo_BNS, u_hi_BNS))
-    r_item_BUS, r_top_BUS, r_cost_BUS = (x[rows[:, None], room_idx_BU] for x in (item_BNS, top_BNS, cost_BNS))
+    r_item_BUS, r_top_BUS, r_cost_BUS, r_pen_BUS = (
+        x[rows[:, None], room_idx_BU] for x in (item_BNS, top_BNS, cost_BNS, pen_BNS)
+    )
     free_BC = np.zeros((num_rows, num_cells), dtype=np.int64)
     picked: list[tuple[np.ndarray, ...]] = []
     for i in range(num_over):
@@ -200,7 +211,11 @@ def _cover(state: PackState, target_B: np.ndarray) -> tuple[np.ndarray, ...]:
         before = last_bad[row_K, c_lo]
         run_BK = (first_in - before) + np.minimum(c_lo - before - 1, first_in - c_hi)
         fit_score = np.where(
-            fits_BK, run_BK + _BIG * cost_BNS[rows[:, None], h[:, None], np.arange(per_rank)], np.inf
+            fits_BK,
+            run_BK
+            + _BIG * cost_BNS[rows[:, None], h[:, None], np.arange(per_rank)]
+            + 1e4 * pen_BNS[rows[:, None], h[:, None], np.arange(per_rank)],
+            np.inf,
         )
         k_fit = fit_score.argmin(1)
         fit_rows = np.nonzero(fits_BK.any(1))[0]
@@ -213,7 +228,7 @@ def _cover(state: PackState, target_B: np.ndarray) -> tuple[np.ndarray, ...]:
             c_lo_R, c_hi_R = c_lo[r_idx], c_hi[r_idx]
             cur_hi = c_hi_R.copy()
             ok_RK = valid_BK[r_idx].copy()
-            score_RK = cost_BNS[r_idx, h[r_idx]] * _BIG
+            score_RK = cost_BNS[r_idx, h[r_idx]] * _BIG + pen_BNS[r_idx, h[r_idx]]
             ridx_RU = room_idx_BU[r_idx]
             avail_RKU = np.broadcast_to(
                 (room_BN[r_idx[:, None], ridx_RU] & room_ok_BU[r_idx])[:, None, :],
@@ -224,7 +239,12 @@ def _cover(state: PackState, target_B: np.ndarray) -> tuple[np.ndarray, ...]:
             row_R = np.arange(len(r_idx))[:, None]
             first_R = nb[row_R, c_lo_R]
             u_lo_R, u_hi_R = ru_lo_BUS[r_idx], ru_hi_BUS[r_idx]
-            item_R, top_R, cost_R = r_item_BUS[r_idx], r_top_BUS[r_idx], r_cost_BUS[r_idx]
+            item_R, top_R, cost_R, pen_R = (
+                r_item_BUS[r_idx],
+                r_top_BUS[r_idx],
+                r_cost_BUS[r_idx],
+                r_pen_BUS[r_idx],
+            )
             hi_RK, lo_RK = hi_K[r_idx], lo_K[r_idx]
             done_RK = np.zeros_like(ok_RK)
             for j in range(MAX_OPENS):
@@ -246,7 +266,7 @@ def _cover(state: PackState, target_B: np.ndarray) -> tuple[np.ndarray, ...]:
                 tight_Q = np.minimum(
                     top_R[qr] - hi_RK[qr, qk][:, None, None], lo_RK[qr, qk][:, None, None] - item_R[qr]
                 )
-                base_Q = 100.0 * cost_R[qr] + tight_Q
+                base_Q = 100.0 * cost_R[qr] + tight_Q + pen_R[qr]
                 score = np.where(
                     cand, base_Q + np.where(full, 0.0, 10.0 + u_lo_R[qr] / num_cells), np.inf
                 ).reshape(len(qr), -1)
@@ -265,6 +285,7 @@ def _cover(state: PackState, target_B: np.ndarray) -> tuple[np.ndarray, ...]:
                 step = (
                     _BIG * cost_R[row_R, u_pos, ku]
                     + 1.0
+                    + pen_R[row_R, u_pos, ku]
                     + 1e-3 * np.minimum(top_R[row_R, u_pos, ku] - hi_RK, lo_RK - item_R[row_R, u_pos, ku])
                 )
                 score_RK = score_RK + np.where(go, step, 0.0)
@@ -342,7 +363,9 @@ def _deal(row: np.ndarray, item: np.ndarray, cap: np.ndarray, num_rows: int) -> 
     return source
 
 
-def cycle_cover(state: PackState, target_B: np.ndarray, best_fit: bool = True) -> None:
+def cycle_cover(
+    state: PackState, target_B: np.ndarray, best_fit: bool = True, guide_BNS: np.ndarray | None = None
+) -> None:
     """One pass: release one slot per touched rank and deal the items back under the caps.
 
     Every touched rank ends at or below its row's target; ranks whose excess could not be
@@ -353,8 +376,10 @@ def cycle_cover(state: PackState, target_B: np.ndarray, best_fit: bool = True) -
         target_B: ``(B,)`` rank load to reach.
         best_fit: deal by best fit in increasing order of caps (:func:`_deal`), which
             leaves the unused room on few ranks; else the largest item to the largest cap.
+        guide_BNS: ``(B, N, S)`` preference in ``[0, 1]`` for each slot as its rank's
+            released slot (:func:`~lightning_eplb._warm_lp.lp_guide`), or None.
     """
-    row, rank, slot, cap = _cover(state, target_B)
+    row, rank, slot, cap = _cover(state, target_B, guide_BNS)
     if not len(row):
         return
     scale = (np.where(target_B > 0, target_B, 1.0) * (1 - COVER_MARGIN))[row]

@@ -15,6 +15,7 @@ import numpy as np
 
 from lightning_eplb._packing import PackState, improve, repair, warm_pack
 from lightning_eplb._warm import cycle_cover, drain
+from lightning_eplb._warm_lp import lp_guide
 
 __all__ = ["flat_warm", "pick_rows", "row_peak", "spend_budget", "warm_start"]
 
@@ -44,19 +45,26 @@ def warm_start(
     target_B: np.ndarray,
     cycles: bool = True,
     best_fit: bool = True,
+    guided: bool = True,
+    guide_BNS: np.ndarray | None = None,
 ) -> PackState:
     """Packing from a previous one with few changed slots, each row at or near its target.
 
     With ``cycles`` the overloaded ranks are first fixed along cycles and strict swaps
     (:mod:`~lightning_eplb._warm`), then by swaps from the heaviest rank; without, by
-    those swaps alone.
+    those swaps alone. With ``guided`` the first cover pass follows the LP guide
+    (:mod:`~lightning_eplb._warm_lp`): ``guide_BNS`` if given (``(B, N, S)``, e.g. one
+    computed at another target for the same rows), else one computed here; it is kept
+    as ``state.guide``.
     """
     warm = warm_pack(previous_BNS, load_BE, count_BE)
     repair(warm)
     warm.home = previous_BNS
     if cycles:
-        for _ in range(COVER_PASSES):
-            cycle_cover(warm, target_B, best_fit)
+        for i in range(COVER_PASSES):
+            if guided and i == 0:
+                warm.guide = lp_guide(warm, target_B) if guide_BNS is None else guide_BNS
+            cycle_cover(warm, target_B, best_fit, warm.guide if i == 0 else None)
         repair(warm)
         drain(warm, target_B)
     improve(warm, target_B, few_moves=True)
@@ -181,7 +189,8 @@ def flat_warm(
         ``(expert_BNS, peak_B, chosen_B)`` as :func:`spend_budget`.
     """
     low_B, mid_B, high_B = (fresh_B * (1 + share * tolerance_B) for share in (LOW_SHARE, 1.0, HIGH_SHARE))
-    low = warm_start(previous_BNS, load_BE, count_BE, low_B).expert
+    low_state = warm_start(previous_BNS, load_BE, count_BE, low_B)
+    low = low_state.expert
     moved_B = (low != previous_BNS).sum((1, 2))
     # the rows that moved most, and those the low target left above it
     stuck_B = row_peak(load_BE, low) > low_B * (1 + FALLBACK_TOLERANCE)
@@ -189,7 +198,12 @@ def flat_warm(
     # the second target: the tolerance itself where the low one was out of reach, else higher
     second_B = np.where(stuck_B, mid_B, high_B)
     high = low.copy()
-    high[busy] = warm_start(previous_BNS[busy], load_BE[busy], count_BE[busy], second_B[busy]).expert
+    # the LP guide of the low target serves the second one too (same rows, same start;
+    # computing it again costs 0.6 ms per iteration for a few slots)
+    guide = None if low_state.guide is None else low_state.guide[busy]
+    high[busy] = warm_start(
+        previous_BNS[busy], load_BE[busy], count_BE[busy], second_B[busy], guide_BNS=guide
+    ).expert
     tries, targets = [low, high], [low_B, second_B]
     if previous_BNS.shape[2] >= SWAPS_MIN_PER_RANK:
         tries.append(warm_start(previous_BNS, load_BE, count_BE, mid_B, cycles=False).expert)
