@@ -44,6 +44,9 @@ MAX_OPENS = 6
 COVER_MARGIN = 1e-9
 #: With a guide, an option costs this times ``1 - guide`` more in :func:`cycle_cover`.
 GUIDE_WEIGHT = 1.0
+#: With a guide and ``preopen``, :func:`cycle_cover` first opens the room interval of every
+#: rank with room whose most guided slot has a guide above this.
+PREOPEN_MIN = 0.7
 #: In :func:`drain`, a swap's gain drops by this fraction of the target per slot it changes.
 DRAIN_PENALTY = 5e-3
 
@@ -142,7 +145,7 @@ def _levels(ends_BX: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _cover(
-    state: PackState, target_B: np.ndarray, guide_BNS: np.ndarray | None = None
+    state: PackState, target_B: np.ndarray, guide_BNS: np.ndarray | None = None, preopen: bool = False
 ) -> tuple[np.ndarray, ...]:
     """Choose the released slots and caps of one cover pass.
 
@@ -195,6 +198,13 @@ def _cover(
     )
     free_BC = np.zeros((num_rows, num_cells), dtype=np.int64)
     picked: list[tuple[np.ndarray, ...]] = []
+    if preopen and guide_BNS is not None:
+        # the guide's rooms first: the greedy below places the excess intervals in them
+        rb, ub = np.nonzero(room_BN & (guide_BNS.max(-1) > PREOPEN_MIN))
+        kb = guide_BNS[rb, ub].argmax(-1)
+        room_BN[rb, ub] = False
+        _add_ranges(free_BC, rb, u_lo_BNS[rb, ub, kb], u_hi_BNS[rb, ub, kb], 1)
+        picked.append((rb, ub, kb, top_BNS[rb, ub, kb]))
     for i in range(num_over):
         act = active_BH[:, i]
         h = order_BH[:, i]
@@ -364,7 +374,11 @@ def _deal(row: np.ndarray, item: np.ndarray, cap: np.ndarray, num_rows: int) -> 
 
 
 def cycle_cover(
-    state: PackState, target_B: np.ndarray, best_fit: bool = True, guide_BNS: np.ndarray | None = None
+    state: PackState,
+    target_B: np.ndarray,
+    best_fit: bool = True,
+    guide_BNS: np.ndarray | None = None,
+    preopen: bool = False,
 ) -> None:
     """One pass: release one slot per touched rank and deal the items back under the caps.
 
@@ -379,7 +393,7 @@ def cycle_cover(
         guide_BNS: ``(B, N, S)`` preference in ``[0, 1]`` for each slot as its rank's
             released slot (:func:`~lightning_eplb._warm_lp.lp_guide`), or None.
     """
-    row, rank, slot, cap = _cover(state, target_B, guide_BNS)
+    row, rank, slot, cap = _cover(state, target_B, guide_BNS, preopen)
     if not len(row):
         return
     scale = (np.where(target_B > 0, target_B, 1.0) * (1 - COVER_MARGIN))[row]

@@ -46,16 +46,15 @@ def warm_start(
     cycles: bool = True,
     best_fit: bool = True,
     guided: bool = True,
-    guide_BNS: np.ndarray | None = None,
+    lp_iterations: int | None = None,
 ) -> PackState:
     """Packing from a previous one with few changed slots, each row at or near its target.
 
     With ``cycles`` the overloaded ranks are first fixed along cycles and strict swaps
     (:mod:`~lightning_eplb._warm`), then by swaps from the heaviest rank; without, by
-    those swaps alone. With ``guided`` the first cover pass follows the LP guide
-    (:mod:`~lightning_eplb._warm_lp`): ``guide_BNS`` if given (``(B, N, S)``, e.g. one
-    computed at another target for the same rows), else one computed here; it is kept
-    as ``state.guide``.
+    those swaps alone. With ``guided`` the first cover pass opens the rooms of the LP guide
+    (:mod:`~lightning_eplb._warm_lp`, ``lp_iterations`` steps; kept as ``state.guide``)
+    first and follows it.
     """
     warm = warm_pack(previous_BNS, load_BE, count_BE)
     repair(warm)
@@ -63,8 +62,8 @@ def warm_start(
     if cycles:
         for i in range(COVER_PASSES):
             if guided and i == 0:
-                warm.guide = lp_guide(warm, target_B) if guide_BNS is None else guide_BNS
-            cycle_cover(warm, target_B, best_fit, warm.guide if i == 0 else None)
+                warm.guide = lp_guide(warm, target_B, lp_iterations)
+            cycle_cover(warm, target_B, best_fit, warm.guide if i == 0 else None, preopen=i == 0)
         repair(warm)
         drain(warm, target_B)
     improve(warm, target_B, few_moves=True)
@@ -198,12 +197,8 @@ def flat_warm(
     # the second target: the tolerance itself where the low one was out of reach, else higher
     second_B = np.where(stuck_B, mid_B, high_B)
     high = low.copy()
-    # the LP guide of the low target serves the second one too (same rows, same start;
-    # computing it again costs 0.6 ms per iteration for a few slots)
-    guide = None if low_state.guide is None else low_state.guide[busy]
-    high[busy] = warm_start(
-        previous_BNS[busy], load_BE[busy], count_BE[busy], second_B[busy], guide_BNS=guide
-    ).expert
+    # a guide of its own for the second target: its rooms differ from the low one's
+    high[busy] = warm_start(previous_BNS[busy], load_BE[busy], count_BE[busy], second_B[busy]).expert
     tries, targets = [low, high], [low_B, second_B]
     if previous_BNS.shape[2] >= SWAPS_MIN_PER_RANK:
         tries.append(warm_start(previous_BNS, load_BE, count_BE, mid_B, cycles=False).expert)
