@@ -115,10 +115,10 @@ def _add_ranges(free_BC: np.ndarray, rows: np.ndarray, lo: np.ndarray, hi: np.nd
     """``free[rows[i], lo[i]:hi[i]] += value`` for every ``i``."""
     if not len(rows):
         return
-    delta = np.zeros((free_BC.shape[0], free_BC.shape[1] + 1), dtype=np.int64)
-    np.add.at(delta, (rows, lo), value)
-    np.add.at(delta, (rows, hi), -value)
-    free_BC += np.cumsum(delta, axis=1)[:, :-1]
+    width = free_BC.shape[1] + 1
+    size = free_BC.shape[0] * width
+    delta = np.bincount(rows * width + lo, minlength=size) - np.bincount(rows * width + hi, minlength=size)
+    free_BC += value * np.cumsum(delta.reshape(-1, width), axis=1)[:, :-1]
 
 
 def _levels(ends_BX: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -145,7 +145,11 @@ def _levels(ends_BX: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _cover(
-    state: PackState, target_B: np.ndarray, guide_BNS: np.ndarray | None = None, preopen: bool = False
+    state: PackState,
+    target_B: np.ndarray,
+    guide_BNS: np.ndarray | None = None,
+    preopen: bool = False,
+    preopen_min: np.ndarray | None = None,
 ) -> tuple[np.ndarray, ...]:
     """Choose the released slots and caps of one cover pass.
 
@@ -200,7 +204,7 @@ def _cover(
     picked: list[tuple[np.ndarray, ...]] = []
     if preopen and guide_BNS is not None:
         # the guide's rooms first: the greedy below places the excess intervals in them
-        rb, ub = np.nonzero(room_BN & (guide_BNS.max(-1) > PREOPEN_MIN))
+        rb, ub = np.nonzero(room_BN & (guide_BNS.max(-1) > (PREOPEN_MIN if preopen_min is None else preopen_min[:, None])))
         kb = guide_BNS[rb, ub].argmax(-1)
         room_BN[rb, ub] = False
         _add_ranges(free_BC, rb, u_lo_BNS[rb, ub, kb], u_hi_BNS[rb, ub, kb], 1)
@@ -379,6 +383,7 @@ def cycle_cover(
     best_fit: bool = True,
     guide_BNS: np.ndarray | None = None,
     preopen: bool = False,
+    preopen_min: np.ndarray | None = None,
 ) -> None:
     """One pass: release one slot per touched rank and deal the items back under the caps.
 
@@ -393,7 +398,7 @@ def cycle_cover(
         guide_BNS: ``(B, N, S)`` preference in ``[0, 1]`` for each slot as its rank's
             released slot (:func:`~lightning_eplb._warm_lp.lp_guide`), or None.
     """
-    row, rank, slot, cap = _cover(state, target_B, guide_BNS, preopen)
+    row, rank, slot, cap = _cover(state, target_B, guide_BNS, preopen, preopen_min)
     if not len(row):
         return
     scale = (np.where(target_B > 0, target_B, 1.0) * (1 - COVER_MARGIN))[row]
