@@ -40,6 +40,9 @@ SWAPS_MIN_PER_RANK = 5
 #: rooms opened first above ``PREOPEN_MIN``, and above this (one rounding of the relaxation
 #: suits some rows, the other others; the budget spending keeps the better per row).
 ALT_PREOPEN_MIN = 0.5
+#: ... only with at most this many slots per rank (EP32 drift, 9 per rank: 16.8 -> 16.4% for
+#: a third more time per warm call; at 4 per rank, EP72: 24.7 -> 24.2%).
+ALT_MAX_PER_RANK = 4
 
 
 def _prepare(previous_BNS: np.ndarray, load_BE: np.ndarray, count_BE: np.ndarray) -> PackState:
@@ -180,17 +183,32 @@ def spend_budget(
 
 
 def _two_roundings(
-    previous_BNS: np.ndarray, load_BE: np.ndarray, count_BE: np.ndarray, target_B: np.ndarray
+    previous_BNS: np.ndarray,
+    load_BE: np.ndarray,
+    count_BE: np.ndarray,
+    target_B: np.ndarray,
+    lp_iterations: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Guided warm starts of the same rows at one target, the LP guide's rooms opened first
-    above ``PREOPEN_MIN`` and above ``ALT_PREOPEN_MIN`` (one LP solve, one stacked batch).
+    above ``PREOPEN_MIN`` and above ``ALT_PREOPEN_MIN`` (one LP solve, one stacked batch);
+    with more than ``ALT_MAX_PER_RANK`` slots per rank the first only, twice.
+
+    Args:
+        previous_BNS: ``(B, N, S)`` previous expert of each slot.
+        load_BE: ``(B, E)`` loads.
+        count_BE: ``(B, E)`` replica counts.
+        target_B: ``(B,)`` rank load to reach.
+        lp_iterations: steps of the LP guide (default ``LP_ITERATIONS``).
 
     Returns:
         two ``(B, N, S)`` expert arrays.
     """
     num_rows = previous_BNS.shape[0]
     state = _prepare(previous_BNS, load_BE, count_BE)
-    guide = lp_guide(state, target_B)
+    guide = lp_guide(state, target_B, lp_iterations)
+    if previous_BNS.shape[2] > ALT_MAX_PER_RANK:
+        one = warm_start(previous_BNS, load_BE, count_BE, target_B, guide_BNS=guide, prepared=state).expert
+        return one, one
     stacked = PackState(
         *(np.concatenate([x, x]) for x in (state.expert, state.load, state.rank_load, state.copies, previous_BNS))
     )
