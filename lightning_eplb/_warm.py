@@ -215,10 +215,17 @@ def _cover(
         c_lo, c_hi = c_lo_BHK[:, i], c_hi_BHK[:, i]
         lo_K, hi_K = lo_BHK[:, i], hi_BHK[:, i]
         valid_BK = act[:, None] & (lo_K >= 0)
-        bad_BC = free_BC < 1
-        last_bad = _last_true(bad_BC)
-        next_bad = _first_true(bad_BC)
-        row_K = rows[:, None]
+        live_rows = np.nonzero(act)[0]
+        if not len(live_rows):
+            continue
+        # the covered runs of the rows with a rank left (A of them; ``at`` maps a row to its
+        # position among them, other rows to 0: their options are not valid)
+        at = np.zeros(num_rows, dtype=np.int64)
+        at[live_rows] = np.arange(len(live_rows))
+        bad_AC = free_BC[live_rows] < 1
+        last_bad = _last_true(bad_AC)
+        next_bad = _first_true(bad_AC)
+        row_K = at[:, None]
         # 1. fits where room intervals already cover it: the tightest run of covered levels
         first_in = next_bad[row_K, c_lo]
         fits_BK = valid_BK & (first_in >= c_hi)
@@ -248,8 +255,8 @@ def _cover(
                 (room_BN[r_idx[:, None], ridx_RU] & room_ok_BU[r_idx])[:, None, :],
                 (len(r_idx), per_rank, num_room),
             ).copy()
-            lb = last_bad[r_idx]
-            nb = next_bad[r_idx]
+            lb = last_bad[at[r_idx]]
+            nb = next_bad[at[r_idx]]
             row_R = np.arange(len(r_idx))[:, None]
             first_R = nb[row_R, c_lo_R]
             u_lo_R, u_hi_R = ru_lo_BUS[r_idx], ru_hi_BUS[r_idx]
