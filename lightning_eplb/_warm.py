@@ -44,6 +44,9 @@ MAX_OPENS = 6
 COVER_MARGIN = 1e-9
 #: With a guide, an option costs this times ``1 - guide`` more in :func:`cycle_cover`.
 GUIDE_WEIGHT = 1.0
+#: With a guide and ``preopen``, :func:`cycle_cover` first opens the room interval of every
+#: rank with room whose most guided slot has a guide above this.
+PREOPEN_MIN = 0.7
 #: In :func:`drain`, a swap's gain drops by this fraction of the target per slot it changes.
 DRAIN_PENALTY = 5e-3
 
@@ -112,10 +115,10 @@ def _add_ranges(free_BC: np.ndarray, rows: np.ndarray, lo: np.ndarray, hi: np.nd
     """``free[rows[i], lo[i]:hi[i]] += value`` for every ``i``."""
     if not len(rows):
         return
-    delta = np.zeros((free_BC.shape[0], free_BC.shape[1] + 1), dtype=np.int64)
-    np.add.at(delta, (rows, lo), value)
-    np.add.at(delta, (rows, hi), -value)
-    free_BC += np.cumsum(delta, axis=1)[:, :-1]
+    width = free_BC.shape[1] + 1
+    size = free_BC.shape[0] * width
+    delta = np.bincount(rows * width + lo, minlength=size) - np.bincount(rows * width + hi, minlength=size)
+    free_BC += value * np.cumsum(delta.reshape(-1, width), axis=1)[:, :-1]
 
 
 def _levels(ends_BX: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -142,7 +145,11 @@ def _levels(ends_BX: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _cover(
-    state: PackState, target_B: np.ndarray, guide_BNS: np.ndarray | None = None
+    state: PackState,
+    target_B: np.ndarray,
+    guide_BNS: np.ndarray | None = None,
+    preopen: bool = False,
+    preopen_min: np.ndarray | None = None,
 ) -> tuple[np.ndarray, ...]:
     """Choose the released slots and caps of one cover pass.
 
@@ -195,16 +202,30 @@ def _cover(
     )
     free_BC = np.zeros((num_rows, num_cells), dtype=np.int64)
     picked: list[tuple[np.ndarray, ...]] = []
+    if preopen and guide_BNS is not None:
+        # the guide's rooms first: the greedy below places the excess intervals in them
+        rb, ub = np.nonzero(room_BN & (guide_BNS.max(-1) > (PREOPEN_MIN if preopen_min is None else preopen_min[:, None])))
+        kb = guide_BNS[rb, ub].argmax(-1)
+        room_BN[rb, ub] = False
+        _add_ranges(free_BC, rb, u_lo_BNS[rb, ub, kb], u_hi_BNS[rb, ub, kb], 1)
+        picked.append((rb, ub, kb, top_BNS[rb, ub, kb]))
     for i in range(num_over):
         act = active_BH[:, i]
         h = order_BH[:, i]
         c_lo, c_hi = c_lo_BHK[:, i], c_hi_BHK[:, i]
         lo_K, hi_K = lo_BHK[:, i], hi_BHK[:, i]
         valid_BK = act[:, None] & (lo_K >= 0)
-        bad_BC = free_BC < 1
-        last_bad = _last_true(bad_BC)
-        next_bad = _first_true(bad_BC)
-        row_K = rows[:, None]
+        live_rows = np.nonzero(act)[0]
+        if not len(live_rows):
+            continue
+        # the covered runs of the rows with a rank left (A of them; ``at`` maps a row to its
+        # position among them, other rows to 0: their options are not valid)
+        at = np.zeros(num_rows, dtype=np.int64)
+        at[live_rows] = np.arange(len(live_rows))
+        bad_AC = free_BC[live_rows] < 1
+        last_bad = _last_true(bad_AC)
+        next_bad = _first_true(bad_AC)
+        row_K = at[:, None]
         # 1. fits where room intervals already cover it: the tightest run of covered levels
         first_in = next_bad[row_K, c_lo]
         fits_BK = valid_BK & (first_in >= c_hi)
@@ -234,8 +255,8 @@ def _cover(
                 (room_BN[r_idx[:, None], ridx_RU] & room_ok_BU[r_idx])[:, None, :],
                 (len(r_idx), per_rank, num_room),
             ).copy()
-            lb = last_bad[r_idx]
-            nb = next_bad[r_idx]
+            lb = last_bad[at[r_idx]]
+            nb = next_bad[at[r_idx]]
             row_R = np.arange(len(r_idx))[:, None]
             first_R = nb[row_R, c_lo_R]
             u_lo_R, u_hi_R = ru_lo_BUS[r_idx], ru_hi_BUS[r_idx]
@@ -364,7 +385,12 @@ def _deal(row: np.ndarray, item: np.ndarray, cap: np.ndarray, num_rows: int) -> 
 
 
 def cycle_cover(
-    state: PackState, target_B: np.ndarray, best_fit: bool = True, guide_BNS: np.ndarray | None = None
+    state: PackState,
+    target_B: np.ndarray,
+    best_fit: bool = True,
+    guide_BNS: np.ndarray | None = None,
+    preopen: bool = False,
+    preopen_min: np.ndarray | None = None,
 ) -> None:
     """One pass: release one slot per touched rank and deal the items back under the caps.
 
@@ -379,7 +405,7 @@ def cycle_cover(
         guide_BNS: ``(B, N, S)`` preference in ``[0, 1]`` for each slot as its rank's
             released slot (:func:`~lightning_eplb._warm_lp.lp_guide`), or None.
     """
-    row, rank, slot, cap = _cover(state, target_B, guide_BNS)
+    row, rank, slot, cap = _cover(state, target_B, guide_BNS, preopen, preopen_min)
     if not len(row):
         return
     scale = (np.where(target_B > 0, target_B, 1.0) * (1 - COVER_MARGIN))[row]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from lightning_eplb._packing import PackState, improve, repair, warm_pack
-from lightning_eplb._warm import cycle_cover, drain
+from lightning_eplb._warm import PREOPEN_MIN, cycle_cover, drain
 from lightning_eplb._warm_lp import lp_guide
 
 __all__ = ["flat_warm", "pick_rows", "row_peak", "spend_budget", "warm_start"]
@@ -36,6 +36,22 @@ HIGH_ROWS = 0.5
 #: The warm start with swaps alone (no cycles) is tried only with at least this many slots per
 #: rank: with fewer the cycles win (at 4 slots per rank on the shared loads, on 2 of 464 rows).
 SWAPS_MIN_PER_RANK = 5
+#: Each cycle target is tried twice from one LP guide (:func:`_two_roundings`): the guide's
+#: rooms opened first above ``PREOPEN_MIN``, and above this (one rounding of the relaxation
+#: suits some rows, the other others; the budget spending keeps the better per row).
+ALT_PREOPEN_MIN = 0.5
+#: ... only with at most this many slots per rank (EP32 drift, 9 per rank: 16.8 -> 16.4% for
+#: a third more time per warm call; at 4 per rank, EP72: 24.7 -> 24.2%).
+ALT_MAX_PER_RANK = 4
+
+
+def _prepare(previous_BNS: np.ndarray, load_BE: np.ndarray, count_BE: np.ndarray) -> PackState:
+    """The previous packing with the new counts (:func:`~lightning_eplb._packing.warm_pack`),
+    repaired, with ``home`` set to the previous placement."""
+    warm = warm_pack(previous_BNS, load_BE, count_BE)
+    repair(warm)
+    warm.home = previous_BNS
+    return warm
 
 
 def warm_start(
@@ -46,25 +62,27 @@ def warm_start(
     cycles: bool = True,
     best_fit: bool = True,
     guided: bool = True,
+    lp_iterations: int | None = None,
     guide_BNS: np.ndarray | None = None,
+    preopen_min: np.ndarray | None = None,
+    prepared: PackState | None = None,
 ) -> PackState:
     """Packing from a previous one with few changed slots, each row at or near its target.
 
     With ``cycles`` the overloaded ranks are first fixed along cycles and strict swaps
     (:mod:`~lightning_eplb._warm`), then by swaps from the heaviest rank; without, by
-    those swaps alone. With ``guided`` the first cover pass follows the LP guide
-    (:mod:`~lightning_eplb._warm_lp`): ``guide_BNS`` if given (``(B, N, S)``, e.g. one
-    computed at another target for the same rows), else one computed here; it is kept
-    as ``state.guide``.
+    those swaps alone. With ``guided`` the first cover pass opens the rooms of the LP guide
+    first and follows it (:mod:`~lightning_eplb._warm_lp`): ``guide_BNS`` (``(B, N, S)``)
+    if given, else one of ``lp_iterations`` steps computed here; kept as ``state.guide``.
+    ``preopen_min`` (``(B,)``, default ``PREOPEN_MIN``) is the guide above which a room is
+    opened first; ``prepared`` (from :func:`_prepare` on these rows) saves rebuilding the start.
     """
-    warm = warm_pack(previous_BNS, load_BE, count_BE)
-    repair(warm)
-    warm.home = previous_BNS
+    warm = prepared if prepared is not None else _prepare(previous_BNS, load_BE, count_BE)
     if cycles:
         for i in range(COVER_PASSES):
             if guided and i == 0:
-                warm.guide = lp_guide(warm, target_B) if guide_BNS is None else guide_BNS
-            cycle_cover(warm, target_B, best_fit, warm.guide if i == 0 else None)
+                warm.guide = lp_guide(warm, target_B, lp_iterations) if guide_BNS is None else guide_BNS
+            cycle_cover(warm, target_B, best_fit, warm.guide if i == 0 else None, preopen=i == 0, preopen_min=preopen_min)
         repair(warm)
         drain(warm, target_B)
     improve(warm, target_B, few_moves=True)
@@ -164,6 +182,49 @@ def spend_budget(
     return np.stack(tries)[choice, rows], peaks[choice, rows], chosen_B
 
 
+def _two_roundings(
+    previous_BNS: np.ndarray,
+    load_BE: np.ndarray,
+    count_BE: np.ndarray,
+    target_B: np.ndarray,
+    lp_iterations: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Guided warm starts of the same rows at one target, the LP guide's rooms opened first
+    above ``PREOPEN_MIN`` and above ``ALT_PREOPEN_MIN`` (one LP solve, one stacked batch);
+    with more than ``ALT_MAX_PER_RANK`` slots per rank the first only, twice.
+
+    Args:
+        previous_BNS: ``(B, N, S)`` previous expert of each slot.
+        load_BE: ``(B, E)`` loads.
+        count_BE: ``(B, E)`` replica counts.
+        target_B: ``(B,)`` rank load to reach.
+        lp_iterations: steps of the LP guide (default ``LP_ITERATIONS``).
+
+    Returns:
+        two ``(B, N, S)`` expert arrays.
+    """
+    num_rows = previous_BNS.shape[0]
+    state = _prepare(previous_BNS, load_BE, count_BE)
+    guide = lp_guide(state, target_B, lp_iterations)
+    if previous_BNS.shape[2] > ALT_MAX_PER_RANK:
+        one = warm_start(previous_BNS, load_BE, count_BE, target_B, guide_BNS=guide, prepared=state).expert
+        return one, one
+    stacked = PackState(
+        *(np.concatenate([x, x]) for x in (state.expert, state.load, state.rank_load, state.copies, previous_BNS))
+    )
+    thresholds = np.repeat([PREOPEN_MIN, ALT_PREOPEN_MIN], num_rows)
+    both = warm_start(
+        np.concatenate([previous_BNS, previous_BNS]),
+        np.concatenate([load_BE, load_BE]),
+        np.concatenate([count_BE, count_BE]),
+        np.concatenate([target_B, target_B]),
+        guide_BNS=np.concatenate([guide, guide]),
+        preopen_min=thresholds,
+        prepared=stacked,
+    ).expert
+    return both[:num_rows], both[num_rows:]
+
+
 def flat_warm(
     previous_BNS: np.ndarray,
     load_BE: np.ndarray,
@@ -189,22 +250,16 @@ def flat_warm(
         ``(expert_BNS, peak_B, chosen_B)`` as :func:`spend_budget`.
     """
     low_B, mid_B, high_B = (fresh_B * (1 + share * tolerance_B) for share in (LOW_SHARE, 1.0, HIGH_SHARE))
-    low_state = warm_start(previous_BNS, load_BE, count_BE, low_B)
-    low = low_state.expert
+    low, low_alt = _two_roundings(previous_BNS, load_BE, count_BE, low_B)
     moved_B = (low != previous_BNS).sum((1, 2))
     # the rows that moved most, and those the low target left above it
     stuck_B = row_peak(load_BE, low) > low_B * (1 + FALLBACK_TOLERANCE)
     busy = np.nonzero((moved_B >= np.quantile(moved_B, 1.0 - HIGH_ROWS)) | stuck_B)[0]
     # the second target: the tolerance itself where the low one was out of reach, else higher
     second_B = np.where(stuck_B, mid_B, high_B)
-    high = low.copy()
-    # the LP guide of the low target serves the second one too (same rows, same start;
-    # computing it again costs 0.6 ms per iteration for a few slots)
-    guide = None if low_state.guide is None else low_state.guide[busy]
-    high[busy] = warm_start(
-        previous_BNS[busy], load_BE[busy], count_BE[busy], second_B[busy], guide_BNS=guide
-    ).expert
-    tries, targets = [low, high], [low_B, second_B]
+    high, high_alt = low.copy(), low.copy()
+    high[busy], high_alt[busy] = _two_roundings(previous_BNS[busy], load_BE[busy], count_BE[busy], second_B[busy])
+    tries, targets = [low, high, low_alt, high_alt], [low_B, second_B, low_B, second_B]
     if previous_BNS.shape[2] >= SWAPS_MIN_PER_RANK:
         tries.append(warm_start(previous_BNS, load_BE, count_BE, mid_B, cycles=False).expert)
         targets.append(mid_B)
