@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import lightning.pytorch as pl
@@ -178,6 +180,18 @@ def _global_losses(model: _Net, accumulate: int = 1) -> Tensor:
     return local
 
 
+@contextmanager
+def counting_launches() -> Iterator[list[int]]:
+    """Record every replica sync started from gradient hooks during the backward."""
+    launches: list[int] = []
+    start = ExpertParallelMoE.start_replica_grad_sync
+    ExpertParallelMoE.start_replica_grad_sync = lambda self, *a: launches.append(1) or start(self, *a)
+    try:
+        yield launches
+    finally:
+        ExpertParallelMoE.start_replica_grad_sync = start
+
+
 def _runs(world_size: int, tmp: str) -> dict:
     """The EPLB runs compared with the reference, on this process group (or one process)."""
     out: dict = {}
@@ -187,13 +201,8 @@ def _runs(world_size: int, tmp: str) -> dict:
     ckpt = ModelCheckpoint(
         dirpath=tmp, filename=f"n{world_size}-{{step}}", every_n_train_steps=4, save_top_k=-1
     )
-    launches: list[int] = []  # replica syncs started from gradient hooks during the backward
-    start = ExpertParallelMoE.start_replica_grad_sync
-    ExpertParallelMoE.start_replica_grad_sync = lambda self, *a: launches.append(1) or start(self, *a)
-    try:
+    with counting_launches() as launches:
         _fit(model, world_size, tmp, [cb, ckpt])
-    finally:
-        ExpertParallelMoE.start_replica_grad_sync = start
     out["launches"] = len(launches)
     out["eplb"], out["records"], out["stats"] = _global_losses(model), cb.rearrangements, cb.last_stats
     out["rearrangements"] = cb.num_rearrangements
@@ -210,13 +219,11 @@ def _runs(world_size: int, tmp: str) -> dict:
     calls = []
     compute = ExpertLoadWindow.compute
     ExpertLoadWindow.compute = lambda self: calls.append(1) or compute(self)
-    launches.clear()
-    ExpertParallelMoE.start_replica_grad_sync = lambda self, *a: launches.append(1) or start(self, *a)
     try:
-        _fit(model, world_size, tmp, [cb], accumulate=2)
+        with counting_launches() as launches:
+            _fit(model, world_size, tmp, [cb], accumulate=2)
     finally:
         ExpertLoadWindow.compute = compute
-        ExpertParallelMoE.start_replica_grad_sync = start
     out["accumulate_launches"] = len(launches)
     out["accumulate"], out["computes"] = _global_losses(model, 2), len(calls)
     out["rotated"] = sum(r["slots_changed"] for r in cb.rearrangements)

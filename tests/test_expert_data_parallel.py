@@ -33,6 +33,7 @@ from tests.test_callback_train import (
     _global_losses,
     _Net,
     _rotate,
+    counting_launches,
 )
 
 
@@ -69,13 +70,8 @@ def _run(rank: int, world_size: int, tmp: str) -> None:
     cb = EplbCallback(step_interval=2, window_size=3, min_improvement=0.0, log_every_n_steps=0)
     model = _SubgroupNet(ep=2)
     ckpt = ModelCheckpoint(dirpath=tmp, filename="ep2dp2-{step}", every_n_train_steps=4, save_top_k=-1)
-    launches: list[int] = []  # replica syncs started during the backward, on the EP group's copy
-    start = ExpertParallelMoE.start_replica_grad_sync
-    ExpertParallelMoE.start_replica_grad_sync = lambda self, *a: launches.append(1) or start(self, *a)
-    try:
+    with counting_launches() as launches:  # replica syncs started during the backward
         _fit(model, world_size, tmp, [cb, ckpt])
-    finally:
-        ExpertParallelMoE.start_replica_grad_sync = start
     out["launches"] = len(launches)
     out["eplb"], out["records"] = _global_losses(model), cb.rearrangements
     out["layout"] = (cb._layout.ep_size, cb._layout.dp_size, model.moes[0].num_local_experts)
