@@ -32,12 +32,11 @@ def clip_global_norm(
     layers: list[tuple[str, Any]],
     max_norm: float,
     ep_group: dist.ProcessGroup | None = None,
-    ep_rank: int | None = None,
 ) -> None:
     """``clip_grad_norm_(params, max_norm)`` with the norm of the model without expert
     parallelism: replicated parameters once, each logical expert once (a slot's squared
     norm divided by its expert's replica count, summed over the ``ep_group``'s ranks with
-    one all-reduce; ``ep_rank``: this rank in it, default the global rank).
+    one all-reduce).
     No host synchronisation."""
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     if not grads:
@@ -48,7 +47,7 @@ def clip_global_norm(
     dense_sq = torch.zeros((), dtype=dtype, device=device)
     expert_sq = torch.zeros((), dtype=dtype, device=device)
     distributed = dist.is_available() and dist.is_initialized()
-    rank = ep_rank if ep_rank is not None else (dist.get_rank() if distributed else 0)
+    rank = dist.get_rank(ep_group) if distributed else 0
     for group in optimizer.param_groups:
         for p in group["params"]:
             if p.grad is None:

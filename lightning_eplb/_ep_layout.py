@@ -38,7 +38,6 @@ class ExpertParallelLayout:
     Attributes:
         ep_group: the layers' EP group (None: the whole world).
         ep_size: ``N``.
-        ep_rank: this rank in its EP group.
         dp_group: the ranks holding the same slots in the other EP groups (None when ``D == 1``).
         dp_size: ``D = W / N``.
         ep_groups: the global ranks of every EP group, in increasing first rank (None when
@@ -47,7 +46,6 @@ class ExpertParallelLayout:
 
     ep_group: dist.ProcessGroup | None = None
     ep_size: int = 1
-    ep_rank: int = 0
     dp_group: dist.ProcessGroup | None = None
     dp_size: int = 1
     ep_groups: list[list[int]] | None = None
@@ -89,7 +87,7 @@ def expert_parallel_layout(layers: list[tuple[str, Any]], world_size: int) -> Ex
     group = next(iter(groups.values()))
     ep_size = len(distinct[0])
     if ep_size == world_size:
-        return ExpertParallelLayout(ep_group=group, ep_size=world_size, ep_rank=dist.get_rank(group))
+        return ExpertParallelLayout(ep_group=group, ep_size=world_size)
     if group is None:  # unreachable: a rank with the whole world would have made sizes differ
         raise MisconfigurationException("EplbCallback: inconsistent expert-parallel groups")
     ep_rank = dist.get_rank(group)
@@ -100,9 +98,7 @@ def expert_parallel_layout(layers: list[tuple[str, Any]], world_size: int) -> Ex
             dp_group = created
     assert dp_group is not None
     warm_up(dp_group)
-    return ExpertParallelLayout(
-        group, ep_size, ep_rank, dp_group, world_size // ep_size, [list(m) for m in distinct]
-    )
+    return ExpertParallelLayout(group, ep_size, dp_group, world_size // ep_size, [list(m) for m in distinct])
 
 
 def nodes_per_ep_group(num_nodes: int, world_size: int, ep_size: int) -> int:

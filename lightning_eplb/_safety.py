@@ -28,7 +28,6 @@ __all__ = [
     "RankDisagreementError",
     "check_ranks_agree",
     "collective_device",
-    "differing_copies",
     "differing_replicas",
     "digest",
     "failed_ranks",
@@ -235,36 +234,51 @@ def slot_checksums(tensors: Sequence[Tensor]) -> Tensor:
     return torch.stack(columns, dim=1) if columns else torch.zeros(0, 0, dtype=torch.int64)
 
 
-def differing_replicas(layers: Sequence[tuple[str, Any]], group: dist.ProcessGroup | None = None) -> list[str]:
+def _gathered(sums: list[Tensor], group: dist.ProcessGroup | None) -> list[Tensor]:
+    """Every rank's per-layer ``(S, T)`` checksums, ``(R, S, T)`` per layer, with one
+    ``all_gather`` over ``group`` (``R`` its ranks; 1 when not distributed)."""
+    if not _distributed(group):
+        return [c.unsqueeze(0) for c in sums]
+    mine = torch.cat([c.reshape(-1) for c in sums]).to(collective_device(group))
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, mine, group=group)
+    gathered = torch.stack(parts).cpu()  # (R, sum over layers of S * T)
+    out, offset = [], 0
+    for c in sums:
+        out.append(gathered[:, offset : offset + c.numel()].reshape(len(parts), *c.shape))
+        offset += c.numel()
+    return out
+
+
+def differing_replicas(
+    layers: Sequence[tuple[str, Any]],
+    group: dist.ProcessGroup | None = None,
+    dp_group: dist.ProcessGroup | None = None,
+) -> list[str]:
     """Replicas of one logical expert whose weights differ (on any rank). Collective.
 
     Replicas must start identical (the replica-gradient sync keeps them so, never makes
     them so): a layer whose ranks drew their experts from different seeds, or a user layer
     initialised per rank, would otherwise train several different "copies" of an expert
     silently. Every rank sends its ``(S, T)`` :func:`slot_checksums` per layer in one
-    ``all_gather`` and gets the same answer.
+    ``all_gather`` over the EP ``group``. With expert parallelism inside data parallelism
+    (``dp_group``: the ranks holding the same slots in the other EP groups) the same
+    checksums are compared across the copies too, and one :func:`failed_ranks` makes every
+    rank return a non-empty answer when any EP group found something.
 
     Args:
         layers: ``(name, layer)`` of the balanced layers, as on every rank.
         group: the EP group (None: the default group).
+        dp_group: the expert data-parallel group, or None.
 
     Returns:
-        One line per layer with differing replicas, naming the experts and their slots.
+        One line per layer with differing replicas or copies, naming the experts and their
+        slots (or the ranks that found them elsewhere); empty on every rank when all agree.
     """
     sums = [slot_checksums(layer.expert_tensors()) for _, layer in layers]
-    if _distributed(group):
-        mine = torch.cat([c.reshape(-1) for c in sums]).to(collective_device(group))
-        parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, mine, group=group)
-        gathered = torch.stack(parts).cpu()  # (N, sum over layers of S * T)
-        offset, full = 0, []
-        for c in sums:
-            size = c.numel()
-            full.append(gathered[:, offset : offset + size].reshape(-1, c.shape[1]))  # (P, T), slot order
-            offset += size
-        sums = full
     lines = []
-    for (name, layer), sums_PT in zip(layers, sums, strict=True):
+    for (name, layer), sums_NST in zip(layers, _gathered(sums, group), strict=True):
+        sums_PT = sums_NST.reshape(-1, sums_NST.shape[-1])  # slot order: rank after rank
         p2l_P = layer.physical_to_logical.detach().cpu().to(torch.int64)
         first_E = layer.logical_to_physical.detach().cpu().to(torch.int64)[:, 0]
         bad_P = (sums_PT != sums_PT[first_E[p2l_P]]).any(dim=1)
@@ -275,35 +289,17 @@ def differing_replicas(layers: Sequence[tuple[str, Any]], group: dist.ProcessGro
             )
             more = f" (and {len(experts) - 5} more)" if len(experts) > 5 else ""
             lines.append(f"{name or 'layer'}: {where}{more}")
-    return lines
-
-
-def differing_copies(layers: Sequence[tuple[str, Any]], group: dist.ProcessGroup | None) -> list[str]:
-    """With expert parallelism inside data parallelism: slots whose weights differ between
-    the EP groups' copies (the ranks of the DP ``group`` hold the same slots). Collective.
-
-    Returns:
-        One line per layer with differing copies, naming the local slots.
-    """
-    if not _distributed(group):
-        return []
-    sums = [slot_checksums(layer.expert_tensors()) for _, layer in layers]
-    mine = torch.cat([c.reshape(-1) for c in sums]).to(collective_device(group))
-    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, mine, group=group)
-    gathered = torch.stack(parts).cpu()  # (D, sum over layers of S * T)
-    lines, offset = [], 0
-    for (name, _), c in zip(layers, sums, strict=True):
-        size = c.numel()
-        copies = gathered[:, offset : offset + size].reshape(len(parts), c.shape[0], -1)  # (D, S, T)
-        offset += size
-        bad_S = (copies != copies[:1]).any(dim=2).any(dim=0)
+    if dp_group is None or not _distributed(dp_group):
+        return lines
+    for (name, _), copies_DST in zip(layers, _gathered(sums, dp_group), strict=True):
+        bad_S = (copies_DST != copies_DST[:1]).any(dim=2).any(dim=0)
         if bool(bad_S.any()):
             lines.append(
                 f"{name or 'layer'}: local slots {bad_S.nonzero().view(-1).tolist()} differ between the "
                 "data-parallel copies of the experts"
             )
-    return lines
+    found_on = failed_ranks(bool(lines))  # each EP group saw its own replicas: agree
+    return lines or ([f"found on ranks {found_on}"] if found_on else [])
 
 
 # ---------------------------------------------------------------------------- callback fingerprints

@@ -180,8 +180,7 @@ class EplbCallback(Callback):
         self._broken: str | None = None
         self._warned_empty = False
         self._overlap: ReplicaSyncOverlap | None = None
-        self._sync_group: Any = None
-        self._sync_group_key: list[list[int]] | None = None
+        self._sync_group: tuple[Any, Any] | None = None  # (EP groups it mirrors, group)
         self._layout = ExpertParallelLayout()
         self._synced: set[int] = set()  # id of layers whose replica sync finished this step
         self._module: pl.LightningModule | None = None  # its on_save_checkpoint is wrapped
@@ -257,11 +256,9 @@ class EplbCallback(Callback):
             self._overlap.remove()
         wanted = stage == "fit" and self.overlap_grad_sync and self._num_ranks > 1
         key = self._layout.ep_groups  # the sync group mirrors the EP group: rebuilt if that changed
-        cached = self._sync_group if self._sync_group_key == key else None
-        self._overlap, self._sync_group = build_overlap(
-            [lay for _, lay in self.layers], wanted, cached, self._layout.ep_groups
-        )
-        self._sync_group_key = key
+        cached = self._sync_group[1] if self._sync_group is not None and self._sync_group[0] == key else None
+        self._overlap, group = build_overlap([lay for _, lay in self.layers], wanted, cached, key)
+        self._sync_group = (key, group) if group is not None else None
 
     def _verify_ranks_agree(self, trainer: pl.Trainer) -> None:
         """Compare a fingerprint of the callback's arguments, the world size and the layers'
@@ -280,16 +277,11 @@ class EplbCallback(Callback):
         Raises:
             MisconfigurationException: on every rank, naming the layers, experts and slots.
         """
-        differing = _safety.differing_replicas(self.layers, self._layout.ep_group)
-        if self._layout.dp_size > 1:
-            differing += _safety.differing_copies(self.layers, self._layout.dp_group)
-        # with EP subgroups each group sees its own replicas: one more agreement, so that
-        # every rank raises together
-        found_on = _safety.failed_ranks(bool(differing)) if self._layout.dp_size > 1 else [0] * bool(differing)
-        if found_on:
+        differing = _safety.differing_replicas(self.layers, self._layout.ep_group, self._layout.dp_group)
+        if differing:
             raise MisconfigurationException(
                 "EplbCallback: replicas of one expert hold different weights: "
-                + (" | ".join(differing) if differing else f"found on ranks {found_on}")
+                + " | ".join(differing)
                 + ". Every rank must build the layers with the same expert weights: give "
                 "ExpertParallelMoE an init_seed (or call lightning.seed_everything before building the "
                 "model); a layer of your own must initialise each logical expert identically on every rank"
@@ -334,9 +326,7 @@ class EplbCallback(Callback):
                     layer.sync_replica_grads()
             average_over_copies(self.layers, self._layout)
         if self._clip_norm is not None:
-            utils.clip_global_norm(
-                optimizer, self.layers, self._clip_norm, self._layout.ep_group, self._layout.ep_rank
-            )
+            utils.clip_global_norm(optimizer, self.layers, self._clip_norm, self._layout.ep_group)
 
     def _holds_expert_params(self, optimizer: torch.optim.Optimizer) -> bool:
         key = (id(optimizer), len(optimizer.param_groups))  # add_param_group invalidates

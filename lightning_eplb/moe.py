@@ -143,10 +143,7 @@ class ExpertParallelMoE(nn.Module):
         lo, hi = 0, self.num_physical_experts
         if dist.is_available() and dist.is_initialized():
             if process_group is not None or dist.get_world_size() > 1:
-                num_ranks, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
-                if rank >= 0 and self.num_physical_experts % num_ranks == 0:  # else setup raises
-                    slots = self.num_physical_experts // num_ranks
-                    lo, hi = rank * slots, (rank + 1) * slots
+                lo, hi = self._slot_range(process_group, strict=False)  # setup raises on a bad group
         self._drawn_slots = (lo, hi)  # the slots whose weights this rank holds
         held_S = start.physical_to_logical[0, lo:hi]
         w1, w3, w2 = init_logical_experts(
@@ -211,16 +208,7 @@ class ExpertParallelMoE(nn.Module):
                     f"layer already set up for {self._ep_size} expert-parallel ranks, got a group of {num_ranks}"
                 )
             return
-        if rank < 0:
-            raise ValueError("this process is not a member of the expert-parallel process group")
-        if self.num_physical_experts % num_ranks:
-            raise ValueError(
-                f"num_physical_experts ({self.num_physical_experts}) = num_experts ({self.num_logical_experts})"
-                f" + num_redundant_experts ({self.num_physical_experts - self.num_logical_experts}) must be"
-                f" divisible by the number of expert-parallel ranks ({num_ranks})"
-            )
-        slots = self.num_physical_experts // num_ranks
-        lo, hi = rank * slots, (rank + 1) * slots
+        lo, hi = self._slot_range(group, strict=True)
         if self._drawn_slots == (0, self.num_physical_experts):
             for name in ("w1", "w3", "w2"):
                 old = getattr(self, name)
@@ -235,6 +223,28 @@ class ExpertParallelMoE(nn.Module):
         self._ep_group, self._ep_size, self._ep_rank, self._is_setup = group, num_ranks, rank, True
         self.process_group = group
         self._refresh_replica_index()
+
+    def _slot_range(self, group: dist.ProcessGroup | None, strict: bool) -> tuple[int, int]:
+        """``(lo, hi)``: the physical slots this rank holds in ``group``; all ``P`` when the
+        group cannot hold them and not ``strict``.
+
+        Raises:
+            ValueError: with ``strict``, this process outside ``group``, or ``P`` not
+                divisible by its size.
+        """
+        num_ranks, rank = dist.get_world_size(group), dist.get_rank(group)
+        if rank < 0 or self.num_physical_experts % num_ranks:
+            if not strict:
+                return 0, self.num_physical_experts
+            if rank < 0:
+                raise ValueError("this process is not a member of the expert-parallel process group")
+            raise ValueError(
+                f"num_physical_experts ({self.num_physical_experts}) = num_experts ({self.num_logical_experts})"
+                f" + num_redundant_experts ({self.num_physical_experts - self.num_logical_experts}) must be"
+                f" divisible by the number of expert-parallel ranks ({num_ranks})"
+            )
+        slots = self.num_physical_experts // num_ranks
+        return rank * slots, (rank + 1) * slots
 
     def expert_tensors(self) -> list[nn.Parameter]:
         """``[w1 (S, F, H), w3 (S, F, H), w2 (S, H, F)]``."""

@@ -261,12 +261,21 @@ def _decisions(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in records]
 
 
-def test_training_unchanged_by_eplb_on_one_and_two_ranks(tmp_path):
+def reference_losses(tmp: str, **fit_kw) -> Tensor:
+    """Per-step global losses of the model without replicas or callback, one process, float64."""
     torch.set_default_dtype(torch.float64)
     try:
-        reference = _Net(num_redundant=0)  # no replicas, no callback, one process
-        _fit(reference, 1, str(tmp_path), [])
-        expected = _global_losses(reference)
+        reference = _Net(num_redundant=0)
+        _fit(reference, 1, tmp, [], **fit_kw)
+        return _global_losses(reference)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_training_unchanged_by_eplb_on_one_and_two_ranks(tmp_path):
+    expected = reference_losses(str(tmp_path))
+    torch.set_default_dtype(torch.float64)
+    try:
         one = _runs(1, str(tmp_path))
     finally:
         torch.set_default_dtype(torch.float32)

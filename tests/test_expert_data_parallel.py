@@ -34,6 +34,7 @@ from tests.test_callback_train import (
     _Net,
     _rotate,
     counting_launches,
+    reference_losses,
 )
 
 
@@ -115,13 +116,7 @@ def _resume_on_two(rank: int, world_size: int, tmp: str) -> None:
 
 
 def test_expert_parallel_groups_inside_data_parallelism(tmp_path):
-    torch.set_default_dtype(torch.float64)
-    try:
-        reference = _Net(num_redundant=0)  # no replicas, no callback, one process
-        _fit(reference, 1, str(tmp_path), [])
-        expected = _global_losses(reference)
-    finally:
-        torch.set_default_dtype(torch.float32)
+    expected = reference_losses(str(tmp_path))
     spawn(_run, world_size=4, args=(str(tmp_path),), timeout_s=240, init=False)
     out = torch.load(tmp_path / "ep2dp2.pt")
     assert out["layout"] == (2, 2, (E + 2) // 2)
