@@ -157,8 +157,6 @@ class PackState:
         copies: ``(B, E, N)`` int64 replicas of each expert on each rank.
         home: ``(B, N, S)`` int64 expert each slot held before (``-1``: none), or None;
             with a target, swap scores then favour swaps that change fewer slots.
-        guide: ``(B, N, S)`` the LP guide the warm start's first cover pass followed
-            (:func:`~lightning_eplb._warm_lp.lp_guide`), or None.
     """
 
     expert: np.ndarray
@@ -166,7 +164,6 @@ class PackState:
     rank_load: np.ndarray
     copies: np.ndarray
     home: np.ndarray | None = None
-    guide: np.ndarray | None = None
 
     @classmethod
     def build(

@@ -73,16 +73,17 @@ def warm_start(
     (:mod:`~lightning_eplb._warm`), then by swaps from the heaviest rank; without, by
     those swaps alone. With ``guided`` the first cover pass opens the rooms of the LP guide
     first and follows it (:mod:`~lightning_eplb._warm_lp`): ``guide_BNS`` (``(B, N, S)``)
-    if given, else one of ``lp_iterations`` steps computed here; kept as ``state.guide``.
+    if given, else one of ``lp_iterations`` steps computed here.
     ``preopen_min`` (``(B,)``, default ``PREOPEN_MIN``) is the guide above which a room is
     opened first; ``prepared`` (from :func:`_prepare` on these rows) saves rebuilding the start.
     """
     warm = prepared if prepared is not None else _prepare(previous_BNS, load_BE, count_BE)
     if cycles:
-        for i in range(COVER_PASSES):
-            if guided and i == 0:
-                warm.guide = lp_guide(warm, target_B, lp_iterations) if guide_BNS is None else guide_BNS
-            cycle_cover(warm, target_B, best_fit, warm.guide if i == 0 else None, preopen=i == 0, preopen_min=preopen_min)
+        guide = None
+        if guided:
+            guide = lp_guide(warm, target_B, lp_iterations) if guide_BNS is None else guide_BNS
+        for i in range(COVER_PASSES):  # the guide steers the first pass only
+            cycle_cover(warm, target_B, best_fit, guide if i == 0 else None, preopen=i == 0, preopen_min=preopen_min)
         repair(warm)
         drain(warm, target_B)
     improve(warm, target_B, few_moves=True)
