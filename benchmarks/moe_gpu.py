@@ -58,10 +58,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--overlap-modes",
         default="overlap",
-        help="stack rows besides 'after': 'overlap', or 'overlap:N' for an NCCL sync group limited to N CTAs",
+        help="stack rows besides 'after': 'overlap', 'overlap:N' for an NCCL sync group limited to N CTAs, "
+        "'overlap:hp' for one on a high-priority stream",
     )
     parser.add_argument(
         "--stack", type=int, default=4, help="section 4: layers of the stacked rows (0: none)"
+    )
+    parser.add_argument(
+        "--accumulate",
+        type=int,
+        default=1,
+        help="section 4 stack rows: micro-batches per optimizer step (gradient accumulation; "
+        "the replica sync runs once per step, on the last micro-batch)",
     )
     parser.add_argument(
         "--profile",
@@ -303,7 +311,8 @@ def stack_time(
     warmup: int | None = None,
     iters: int | None = None,
 ) -> float:
-    """Mean seconds of forward+backward+replica sync of a residual stack, max over ranks;
+    """Mean seconds of ``--accumulate`` forward+backward passes and one replica sync of a
+    residual stack, max over ranks;
     the sync after the backward (``mode="after"``), or started from gradient hooks as
     EplbCallback does (``"overlap"``; ``"overlap:N"``: its NCCL communicator limited to ``N``
     CTAs, so that it takes fewer SMs from the backward's GEMMs)."""
@@ -316,21 +325,26 @@ def stack_time(
         options = None
         if ":" in mode and device.type == "cuda":
             options = dist.ProcessGroupNCCL.Options()
-            options.config.max_ctas = int(mode.split(":")[1])
+            if mode.endswith(":hp"):  # the exchange on a high-priority NCCL stream
+                options.is_high_priority_stream = True
+            else:
+                options.config.max_ctas = int(mode.split(":")[1])
         group = dist.new_group(ranks=list(range(dist.get_world_size())), pg_options=options)
         warm_up(group)
     scheduler = ReplicaSyncOverlap(layers, group) if overlap else None
 
     def step() -> None:
-        h = x
         for layer in layers:
-            layer.train()
             layer.zero_grad(set_to_none=True)
-            layer.forward_calls = 0
-            h = h + layer(h)
-        if scheduler is not None:
-            scheduler.arm()
-        h.backward(gy)
+        for micro in range(ARGS.accumulate):
+            h = x
+            for layer in layers:
+                layer.train()
+                layer.forward_calls = 0
+                h = h + layer(h)
+            if scheduler is not None and micro == ARGS.accumulate - 1:
+                scheduler.arm()
+            h.backward(gy)
         done = scheduler.finish() if scheduler is not None else set()
         for layer in layers:
             if id(layer) not in done:
@@ -415,6 +429,7 @@ def main() -> None:
         "",
         f"## 4. step time with extra slots at equal tokens per rank ({n} GPUs; rank r holds its E/N experts "
         "and R/N replicas of rank r+1's)",
+        f"(stack rows: {ARGS.accumulate} micro-batch(es) per step, one sync)",
         "| backend | " + " | ".join(f"P={ARGS.experts + r} ms" for r in extras) + " | +25% | +50% |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
@@ -459,7 +474,9 @@ def main() -> None:
                 torch.cuda.empty_cache()
         for mode, times in rows.items():
             label = "sync after backward" if mode == "after" else "overlapped sync"
-            if ":" in mode:
+            if mode.endswith(":hp"):
+                label += ", sync communicator on a high-priority stream"
+            elif ":" in mode:
                 label += f", sync communicator max_ctas={mode.split(':')[1]}"
             lines.append(
                 f"| auto, {ARGS.stack}-layer stack, {label} | {times[0] * 1e3:.2f} | {times[1] * 1e3:.2f} | "

@@ -303,13 +303,25 @@ class ReplicaIndex:
 class PendingSync:
     """A replica-gradient sync whose communication is in flight (see :func:`start_sync`);
     per expert tensor: its gradient, local sums ``(K, D)``, received rows ``(V, D)`` and
-    all-reduce buffer ``(X, D)``."""
+    all-reduce buffer ``(X, D)``; ``done``: on CUDA, when the sums were queued on a side
+    stream behind the exchange (``finish_early``), the event that marks them done."""
 
     grads: list[Tensor]
     local: list[Tensor] = field(default_factory=list)
     recv: list[Tensor] = field(default_factory=list)
     ar_bufs: list[Tensor] = field(default_factory=list)
     works: list = field(default_factory=list)
+    done: torch.cuda.Event | None = None
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One high-priority stream per device for the sums behind early-finished exchanges."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device, priority=-1)
+    return _SIDE_STREAMS[device]
 
 
 def _grads(params: list[torch.nn.Parameter]) -> list[Tensor]:
@@ -323,7 +335,10 @@ def _grads(params: list[torch.nn.Parameter]) -> list[Tensor]:
 
 @torch.no_grad()
 def start_sync(
-    params: list[torch.nn.Parameter], index: ReplicaIndex, group: dist.ProcessGroup | None
+    params: list[torch.nn.Parameter],
+    index: ReplicaIndex,
+    group: dist.ProcessGroup | None,
+    finish_early: bool = False,
 ) -> PendingSync:
     """Gather this rank's local sums and start their exchange; returns without waiting.
 
@@ -334,6 +349,9 @@ def start_sync(
         params: per-slot parameters, each ``(S, ...)``; missing grads become zeros.
         index: the current :class:`ReplicaIndex`.
         group: the group of the exchange (None: the default group).
+        finish_early: on CUDA, queue the canonical sums and the write-back on a side
+            stream right away, to run when the exchange completes (no host wait);
+            :func:`finish_sync` then only orders the current stream after them.
     """
     pending = PendingSync(_grads(params))
     if not (index.num_local or index.num_all_reduce):
@@ -367,48 +385,63 @@ def start_sync(
             dev.ar_pos.put(buf_XD, dev.ar_rows.take(local_KD))
             pending.ar_bufs.append(buf_XD)
             pending.works.append(dist.all_reduce(buf_XD, group=group, async_op=True))
+    if finish_early and pending.works and pending.grads[0].is_cuda:
+        # queue the sums now, behind the exchange, on a side stream: they run as soon as
+        # the data arrives, during the rest of the backward, instead of after it
+        stream = _side_stream(pending.grads[0].device)
+        with torch.cuda.stream(stream):
+            _wait_and_sum(pending, index)
+            pending.done = torch.cuda.Event()
+            pending.done.record(stream)
     return pending
 
 
 @torch.no_grad()
-def finish_sync(pending: PendingSync, index: ReplicaIndex, num_ranks: int) -> None:
-    """Wait for the exchange, sum in canonical holder order, write every replica back and
-    divide every expert gradient by ``num_ranks``.
+def finish_sync(pending: PendingSync, index: ReplicaIndex) -> None:
+    """Complete :func:`start_sync`: afterwards every replica's gradient is the canonical
+    sum over all replicas of its expert, bit-identical on every holder.
 
     Args:
         pending: from :func:`start_sync`.
         index: the same :class:`ReplicaIndex`.
-        num_ranks: ``N``.
     """
+    if pending.done is not None:
+        torch.cuda.current_stream(pending.grads[0].device).wait_event(pending.done)
+    else:
+        _wait_and_sum(pending, index)
+
+
+def _wait_and_sum(pending: PendingSync, index: ReplicaIndex) -> None:
+    """Wait for the exchange (on the current stream), sum in canonical holder order and
+    write every replica back."""
     for work in pending.works:
         work.wait()
-    if pending.local:
-        dev = index.on(pending.grads[0].device)
-        for i, (g, local_KD) in enumerate(zip(pending.grads, pending.local, strict=True)):
-            recv_VD = pending.recv[i]
-            if len(dev.pre_rows):
-                pre_BD = dev.pre_first.take(recv_VD).clone()
-                for rows, src in dev.pre_adds:
-                    rows.add(pre_BD, src.take(recv_VD))
-                dev.pre_rows.add(local_KD, pre_BD)
-            for dst, src in dev.adds:  # round after round, the same order on every holder
-                dst.add(local_KD, src.take(recv_VD))
-            if pending.ar_bufs:
-                dev.ar_rows.put(local_KD, dev.ar_pos.take(pending.ar_bufs[i]))
-            flat_SD = g.view(g.shape[0], -1)
-            if index.one_slot_each:
-                if dev.slot_of_k.start is None:  # else local_KD is a view of the gradient
-                    dev.slot_of_k.put(flat_SD, local_KD)
-            else:
-                dev.local_slots.put(flat_SD, dev.local_rows.take(local_KD))
-    if num_ranks > 1:
-        torch._foreach_div_(pending.grads, float(num_ranks))
+    if not pending.local:
+        return
+    dev = index.on(pending.grads[0].device)
+    for i, (g, local_KD) in enumerate(zip(pending.grads, pending.local, strict=True)):
+        recv_VD = pending.recv[i]
+        if len(dev.pre_rows):
+            pre_BD = dev.pre_first.take(recv_VD).clone()
+            for rows, src in dev.pre_adds:
+                rows.add(pre_BD, src.take(recv_VD))
+            dev.pre_rows.add(local_KD, pre_BD)
+        for dst, src in dev.adds:  # round after round, the same order on every holder
+            dst.add(local_KD, src.take(recv_VD))
+        if pending.ar_bufs:
+            dev.ar_rows.put(local_KD, dev.ar_pos.take(pending.ar_bufs[i]))
+        flat_SD = g.view(g.shape[0], -1)
+        if index.one_slot_each:
+            if dev.slot_of_k.start is None:  # else local_KD is a view of the gradient
+                dev.slot_of_k.put(flat_SD, local_KD)
+        else:
+            dev.local_slots.put(flat_SD, dev.local_rows.take(local_KD))
 
 
 def sync_replica_grads_(
-    params: list[torch.nn.Parameter], index: ReplicaIndex, num_ranks: int, group: dist.ProcessGroup | None
+    params: list[torch.nn.Parameter], index: ReplicaIndex, group: dist.ProcessGroup | None
 ) -> None:
-    """Sum replica gradients across slots and ranks, write back, divide by ``num_ranks``.
+    """Sum replica gradients across slots and ranks and write the sum to every replica.
 
     Every rank of the group calls it (it joins the all-reduce when ``X > 0``; the
     point-to-point exchange involves the holders of shared experts only).
@@ -416,7 +449,6 @@ def sync_replica_grads_(
     Args:
         params: per-slot parameters, each ``(S, ...)``; missing grads become zeros.
         index: the current :class:`ReplicaIndex`.
-        num_ranks: ``N``.
         group: the EP group (None: the default group).
     """
-    finish_sync(start_sync(params, index, group), index, num_ranks)
+    finish_sync(start_sync(params, index, group), index)

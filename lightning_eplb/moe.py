@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_eplb._dispatch import all_to_all, exchange_counts
+from lightning_eplb._dispatch import all_to_all, combine, exchange_counts, gather_rows
 from lightning_eplb._grouped import BACKENDS, grouped_swiglu, resolve_backend
 from lightning_eplb._moe_state import load_state_dict_post_hook, load_state_dict_pre_hook
 from lightning_eplb._replica_sync import PendingSync, ReplicaIndex, finish_sync, start_sync
@@ -274,8 +274,10 @@ class ExpertParallelMoE(nn.Module):
         self._refresh_replica_index()
 
     def sync_replica_grads(self) -> None:
-        """Sum each expert's gradient over its replicas, write the sum to every replica
-        (bit-identical), and divide every expert gradient by ``N`` to match DDP's averaging.
+        """Sum each expert's gradient over its replicas and write the sum to every replica
+        (bit-identical). Expert gradients already leave the backward divided by ``N``
+        (DDP's averaging; the factor is folded into the combine's backward), so afterwards
+        they are what DDP would give the logical expert.
 
         Holders of an expert exchange their local sums point-to-point; experts held by many
         ranks go through one all-reduce when that sends fewer bytes (planned per placement
@@ -287,12 +289,14 @@ class ExpertParallelMoE(nn.Module):
         pending, self._pending_sync = self._pending_sync, None
         if pending is None:
             pending = start_sync(self.expert_tensors(), self._replicas, self._ep_group)
-        finish_sync(pending, self._replicas, self._ep_size)
+        finish_sync(pending, self._replicas)
 
     def start_replica_grad_sync(self, process_group: dist.ProcessGroup | None = None) -> None:
         """Start the exchange of :meth:`sync_replica_grads` and return without waiting; the
         next :meth:`sync_replica_grads` completes it. Lets the exchange run during the rest
         of the backward (:class:`~lightning_eplb.EplbCallback` calls it from gradient hooks).
+        On CUDA the sums are queued behind the exchange on a side stream, so they too run
+        during the backward.
 
         The gradients must not change until then. Every rank of the EP group calls it in the
         same order relative to its other collectives on ``process_group``.
@@ -304,7 +308,7 @@ class ExpertParallelMoE(nn.Module):
         """
         if self._pending_sync is None:
             group = process_group if process_group is not None else self._ep_group
-            self._pending_sync = start_sync(self.expert_tensors(), self._replicas, group)
+            self._pending_sync = start_sync(self.expert_tensors(), self._replicas, group, finish_early=True)
 
     def reset_expert_load(self) -> None:
         """Zero ``expert_load`` in place."""
@@ -386,11 +390,15 @@ class ExpertParallelMoE(nn.Module):
         if self.training:
             self.expert_load.add_(count_P)
 
+        # expert weight gradients leave the backward divided by N (DDP's averaging): the
+        # factor rides on the combine's and the gather's own multiplications
+        grad_scale = 1.0 / self._ep_size
         order_C = torch.argsort(slot_C, stable=True)
-        x_CH = x_TH.index_select(0, order_C // top_k)
+        x_CH = gather_rows(x_TH, order_C // top_k, grad_scale)
         y_CH = self._experts(x_CH, slot_C.index_select(0, order_C), count_P)
         y_CH = y_CH.index_select(0, _inverse_permutation(order_C))
-        y_TH = (y_CH.view(num_tokens, top_k, -1) * weights_TK.to(y_CH.dtype).unsqueeze(-1)).sum(1)
+        y_TKH = y_CH.view(num_tokens, top_k, -1)
+        y_TH = combine(y_TKH, weights_TK.to(y_CH.dtype), grad_scale)
         return y_TH.view(x.shape)
 
     def _choose_replicas(self, expert_C: Tensor) -> Tensor:

@@ -2,7 +2,7 @@
 
 The distributed checks run every case in one gloo worker per world size (2 and 4 ranks):
 after ``sync_replica_grads_`` every slot's gradient equals the float64 sum over all replicas
-of its logical expert divided by ``N`` (everything gathered), replicas are bit-identical
+of its logical expert (everything gathered), replicas are bit-identical
 across ranks, and the result matches the former all-reduce-only path within 1e-12.
 """
 
@@ -69,7 +69,7 @@ def _old_sync(grads: list[Tensor], p2l: Tensor, counts: Tensor, rank: int, n: in
         if rep[e]:
             for o, part in zip(out, buf[row[e]].split([g[0].numel() for g in grads]), strict=True):
                 o[s] = part.view_as(o[s])
-    return [o / n for o in out]
+    return out
 
 
 def _gather(t: Tensor) -> Tensor:
@@ -94,14 +94,14 @@ def _run_sync(rank: int, n: int) -> None:
             ]
             full_before = _gather(_flat(before)).double()
             want = torch.zeros(num_logical, full_before.shape[1], dtype=torch.float64)
-            want = want.index_add_(0, p2l, full_before)[p2l] / n
+            want = want.index_add_(0, p2l, full_before)[p2l]
             old = _flat(_old_sync(before, p2l, counts, rank, n)) if dtype == torch.float64 else None
             for max_holders in (None, *sorted({1, 2, n})):
                 params = [torch.nn.Parameter(torch.zeros_like(b)) for b in before]
                 for p, b in zip(params, before, strict=True):
                     p.grad = b.clone()
                 index = ReplicaIndex.build(p2l, counts, rank, slots, max_p2p_holders=max_holders)
-                sync_replica_grads_(params, index, n, None)
+                sync_replica_grads_(params, index, None)
                 where = f"{name}, {dtype}, max_p2p_holders={max_holders}, rank {rank}"
                 synced = [p.grad for p in params if p.grad is not None]
                 assert len(synced) == 3 and all(g.is_contiguous() for g in synced)
