@@ -120,16 +120,23 @@ def nodes_per_ep_group(num_nodes: int, world_size: int, ep_size: int) -> int:
 
 
 @torch.no_grad()
-def average_over_copies(layers: list[tuple[str, Any]], layout: ExpertParallelLayout) -> None:
-    """Sum every expert gradient over the DP group and divide by ``D`` (after the replica sync)."""
+def average_over_copies(
+    layers: list[tuple[str, Any]], layout: ExpertParallelLayout, skip: set[int] | frozenset[int] = frozenset()
+) -> None:
+    """Sum every expert gradient over the DP group and divide by ``D`` (after the replica
+    sync), except for the layers whose ``id`` is in ``skip`` (averaged by the overlap)."""
     if layout.dp_size == 1:
         return
     grads: list[Tensor] = []
     for _, layer in layers:
+        if id(layer) in skip:
+            continue
         for p in layer.expert_tensors():
             if p.grad is None:  # every DP rank must join the same all-reduces
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
+    if not grads:
+        return
     for g in grads:
         dist.all_reduce(g, group=layout.dp_group)
     torch._foreach_div_(grads, float(layout.dp_size))

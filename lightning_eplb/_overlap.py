@@ -33,11 +33,14 @@ def build_overlap(
     wanted: bool,
     group: dist.ProcessGroup | None,
     ep_groups: list[list[int]] | None = None,
+    copies_group: dist.ProcessGroup | None = None,
 ) -> tuple[ReplicaSyncOverlap | None, dist.ProcessGroup | None]:
     """The overlap for the layers that support it, and its process group: ``group`` if given,
     else created (every rank must call this at the same point, e.g. in the callback's
     ``setup``): a copy of the whole world, or with ``ep_groups`` (the global ranks of every
-    expert-parallel subgroup) a copy of each, every rank creating all of them in order."""
+    expert-parallel subgroup) a copy of each, every rank creating all of them in order.
+    With ``copies_group`` (the DP group of expert parallelism inside data parallelism) each
+    layer's gradients are also averaged over it, started right behind its replica sums."""
     layers = [layer for layer in layers if supports_overlap(layer)]
     if not wanted or not layers:
         return None, group
@@ -49,7 +52,7 @@ def build_overlap(
                 group = created
         assert group is not None
         warm_up(group)
-    return ReplicaSyncOverlap(layers, group), group
+    return ReplicaSyncOverlap(layers, group, copies_group), group
 
 
 def warm_up(group: dist.ProcessGroup) -> None:
@@ -86,11 +89,17 @@ class ReplicaSyncOverlap:
         layers: the balanced layers in module order (all support the overlap).
         group: a process group with the EP group's ranks in the same order, used for the
             exchanges only.
+        copies_group: None, or the ranks holding copies of this rank's slots (expert
+            parallelism inside data parallelism): the layers synced here are then also
+            averaged over it, each right behind its replica sums.
     """
 
-    def __init__(self, layers: list[Any], group: dist.ProcessGroup | None) -> None:
+    def __init__(
+        self, layers: list[Any], group: dist.ProcessGroup | None, copies_group: dist.ProcessGroup | None = None
+    ) -> None:
         self.order = list(reversed(layers))  # the order the backward reaches them
         self.group = group
+        self.copies_group = copies_group
         self.armed: list[bool] = [False] * len(self.order)
         self.launched = 0
         self._counts = [0] * len(self.order)
@@ -129,13 +138,16 @@ class ReplicaSyncOverlap:
             if self.armed[i]:
                 if until_blocked and not self._ready[i]:
                     return
-                self.order[i].start_replica_grad_sync(self.group)
+                if self.copies_group is None:
+                    self.order[i].start_replica_grad_sync(self.group)
+                else:
+                    self.order[i].start_replica_grad_sync(self.group, self.copies_group)
             self.launched += 1
 
     def finish(self) -> set[int]:
-        """Launch what has not launched (in order), complete every armed layer's sync and
-        disarm. Returns the ``id`` of the layers synced (the others still need
-        ``sync_replica_grads()``)."""
+        """Launch what has not launched (in order), complete every armed layer's sync (and
+        average over the copies) and disarm. Returns the ``id`` of the layers synced (the
+        others still need ``sync_replica_grads()`` and, with copies, the average)."""
         if not self.is_armed:
             return set()
         self._launch(until_blocked=False)

@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_eplb.placement import on_host
+
 
 @dataclass(frozen=True)
 class _Rows:
@@ -152,6 +154,7 @@ class ReplicaIndex:
     _on_device: dict[torch.device, _DeviceIndex] = field(default_factory=dict, repr=False)
 
     @classmethod
+    @on_host
     def build(
         cls,
         physical_to_logical: Tensor,
@@ -304,7 +307,8 @@ class PendingSync:
     """A replica-gradient sync whose communication is in flight (see :func:`start_sync`);
     per expert tensor: its gradient, local sums ``(K, D)``, received rows ``(V, D)`` and
     all-reduce buffer ``(X, D)``; ``done``: on CUDA, when the sums were queued on a side
-    stream behind the exchange (``finish_early``), the event that marks them done."""
+    stream behind the exchange (``finish_early``), the event that marks them done;
+    ``summed``: the sums are done already (the average over copies needed them first)."""
 
     grads: list[Tensor]
     local: list[Tensor] = field(default_factory=list)
@@ -312,6 +316,9 @@ class PendingSync:
     ar_bufs: list[Tensor] = field(default_factory=list)
     works: list = field(default_factory=list)
     done: torch.cuda.Event | None = None
+    summed: bool = False
+    copies: list = field(default_factory=list)  # the average over the copies, in flight
+    divide_by: int = 1  # after ``copies``: the copies' count where the backend has no AVG
 
 
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
@@ -339,6 +346,7 @@ def start_sync(
     index: ReplicaIndex,
     group: dist.ProcessGroup | None,
     finish_early: bool = False,
+    copies_group: dist.ProcessGroup | None = None,
 ) -> PendingSync:
     """Gather this rank's local sums and start their exchange; returns without waiting.
 
@@ -352,6 +360,10 @@ def start_sync(
         finish_early: on CUDA, queue the canonical sums and the write-back on a side
             stream right away, to run when the exchange completes (no host wait);
             :func:`finish_sync` then only orders the current stream after them.
+        copies_group: with expert parallelism inside data parallelism, the ranks holding
+            copies of this rank's slots: once the sums are done, every expert gradient is
+            averaged over it (one all-reduce per tensor, started here; on CUDA behind the
+            sums, on the CPU after waiting for them).
     """
     pending = PendingSync(_grads(params))
     if not (index.num_local or index.num_all_reduce):
@@ -385,7 +397,8 @@ def start_sync(
             dev.ar_pos.put(buf_XD, dev.ar_rows.take(local_KD))
             pending.ar_bufs.append(buf_XD)
             pending.works.append(dist.all_reduce(buf_XD, group=group, async_op=True))
-    if finish_early and pending.works and pending.grads[0].is_cuda:
+    cuda = pending.grads[0].is_cuda
+    if finish_early and pending.works and cuda:
         # queue the sums now, behind the exchange, on a side stream: they run as soon as
         # the data arrives, during the rest of the backward, instead of after it
         stream = _side_stream(pending.grads[0].device)
@@ -393,13 +406,32 @@ def start_sync(
             _wait_and_sum(pending, index)
             pending.done = torch.cuda.Event()
             pending.done.record(stream)
+    if copies_group is not None and dist.get_world_size(copies_group) > 1:
+        if pending.done is None:  # CPU, or nothing exchanged: sum now (no-op without replicas)
+            _wait_and_sum(pending, index)
+            pending.summed = True
+            _start_average(pending, copies_group)
+        else:
+            with torch.cuda.stream(_side_stream(pending.grads[0].device)):  # behind the sums
+                _start_average(pending, copies_group)
     return pending
+
+
+def _start_average(pending: PendingSync, copies_group: dist.ProcessGroup) -> None:
+    """Start averaging every gradient over ``copies_group`` (AVG where the backend has it,
+    else a sum divided in :func:`finish_sync`); issued on the current stream."""
+    avg = dist.get_backend(copies_group) == "nccl"
+    op = dist.ReduceOp.AVG if avg else dist.ReduceOp.SUM
+    for g in pending.grads:
+        pending.copies.append(dist.all_reduce(g, op=op, group=copies_group, async_op=True))
+    pending.divide_by = 1 if avg else dist.get_world_size(copies_group)
 
 
 @torch.no_grad()
 def finish_sync(pending: PendingSync, index: ReplicaIndex) -> None:
     """Complete :func:`start_sync`: afterwards every replica's gradient is the canonical
-    sum over all replicas of its expert, bit-identical on every holder.
+    sum over all replicas of its expert, bit-identical on every holder (and averaged over
+    the copies when ``copies_group`` was given).
 
     Args:
         pending: from :func:`start_sync`.
@@ -407,8 +439,12 @@ def finish_sync(pending: PendingSync, index: ReplicaIndex) -> None:
     """
     if pending.done is not None:
         torch.cuda.current_stream(pending.grads[0].device).wait_event(pending.done)
-    else:
+    elif not pending.summed:
         _wait_and_sum(pending, index)
+    for work in pending.copies:
+        work.wait()
+    if pending.divide_by > 1:
+        torch._foreach_div_(pending.grads, float(pending.divide_by))
 
 
 def _wait_and_sum(pending: PendingSync, index: ReplicaIndex) -> None:

@@ -254,10 +254,12 @@ class EplbCallback(Callback):
         """Hooks that start replica-gradient syncs during the backward, on a group of their own."""
         if self._overlap is not None:
             self._overlap.remove()
-        wanted = stage == "fit" and self.overlap_grad_sync and self._num_ranks > 1
-        key = self._layout.ep_groups  # the sync group mirrors the EP group: rebuilt if that changed
+        layout = self._layout
+        wanted = stage == "fit" and self.overlap_grad_sync and self._num_ranks * layout.dp_size > 1
+        key = layout.ep_groups  # the sync group mirrors the EP group: rebuilt if that changed
         cached = self._sync_group[1] if self._sync_group is not None and self._sync_group[0] == key else None
-        self._overlap, group = build_overlap([lay for _, lay in self.layers], wanted, cached, key)
+        layers = [lay for _, lay in self.layers]
+        self._overlap, group = build_overlap(layers, wanted, cached, key, layout.dp_group)
         self._sync_group = (key, group) if group is not None else None
 
     def _verify_ranks_agree(self, trainer: pl.Trainer) -> None:
@@ -324,7 +326,8 @@ class EplbCallback(Callback):
             for _, layer in self.layers:
                 if id(layer) not in synced:
                     layer.sync_replica_grads()
-            average_over_copies(self.layers, self._layout)
+            averaged = synced if self._overlap is not None and self._overlap.copies_group is not None else set()
+            average_over_copies(self.layers, self._layout, skip=averaged)
         if self._clip_norm is not None:
             utils.clip_global_norm(optimizer, self.layers, self._clip_norm, self._layout.ep_group)
 

@@ -291,7 +291,9 @@ class ExpertParallelMoE(nn.Module):
             pending = start_sync(self.expert_tensors(), self._replicas, self._ep_group)
         finish_sync(pending, self._replicas)
 
-    def start_replica_grad_sync(self, process_group: dist.ProcessGroup | None = None) -> None:
+    def start_replica_grad_sync(
+        self, process_group: dist.ProcessGroup | None = None, copies_group: dist.ProcessGroup | None = None
+    ) -> None:
         """Start the exchange of :meth:`sync_replica_grads` and return without waiting; the
         next :meth:`sync_replica_grads` completes it. Lets the exchange run during the rest
         of the backward (:class:`~lightning_eplb.EplbCallback` calls it from gradient hooks).
@@ -305,10 +307,15 @@ class ExpertParallelMoE(nn.Module):
             process_group: a group with the EP group's ranks in the same order (a separate
                 communicator lets the exchange overlap the backward's all-to-alls); None:
                 the EP group.
+            copies_group: with expert parallelism inside data parallelism, the ranks holding
+                copies of this rank's slots: the synced gradients are then also averaged
+                over it (started behind the sums; the callback passes its DP group).
         """
         if self._pending_sync is None:
             group = process_group if process_group is not None else self._ep_group
-            self._pending_sync = start_sync(self.expert_tensors(), self._replicas, group, finish_early=True)
+            self._pending_sync = start_sync(
+                self.expert_tensors(), self._replicas, group, finish_early=True, copies_group=copies_group
+            )
 
     def reset_expert_load(self) -> None:
         """Zero ``expert_load`` in place."""

@@ -10,14 +10,30 @@ Physical slot ``p`` lives on rank ``p // S`` at local index ``p % S``.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, TypeVar, Union
 
 import numpy as np
 import torch
 from torch import Tensor
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def on_host(fn: _F) -> _F:
+    """Run ``fn`` with the CPU as the default device: placements are host-side bookkeeping,
+    also when built inside a default-device context such as Lightning's ``configure_model``
+    on GPUs (``torch.device("cuda")``), which would otherwise put half their tensors there."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with torch.device("cpu"):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 __all__ = ["POLICIES", "Placement", "rebalance"]
 
@@ -55,6 +71,7 @@ class Placement:
 
     # ------------------------------------------------------------------ construction
     @classmethod
+    @on_host
     def from_physical_to_logical(
         cls, physical_to_logical: Tensor, num_logical: int, num_ranks: int
     ) -> Placement:
@@ -102,6 +119,7 @@ class Placement:
         return cls(p2l_LP, l2p_LEM, count_LE, int(num_ranks))
 
     @classmethod
+    @on_host
     def contiguous(cls, num_layers: int, num_logical: int, num_physical: int, num_ranks: int) -> Placement:
         """The default starting placement: slot ``p`` holds logical expert ``p % E``.
 
@@ -236,6 +254,7 @@ POLICIES = ("balanced", "deepseek")
 _warned_fallback: set[tuple[int, int]] = set()
 
 
+@on_host
 def rebalance(
     load: Tensor,
     num_physical: int,

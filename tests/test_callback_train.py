@@ -149,7 +149,7 @@ def _fit(
     val = DataLoader(data, batch_size=GLOBAL_BATCH // world_size, sampler=sampler) if validate else None
     strategy = DDPStrategy(timeout=timedelta(seconds=60)) if world_size > 1 else "auto"
     trainer = pl.Trainer(
-        accelerator="cpu",
+        accelerator=os.environ.get("EPLB_TEST_ACCELERATOR", "cpu"),  # "gpu": the same runs under NCCL
         devices=world_size,
         strategy=strategy,
         max_steps=max_steps,

@@ -3,7 +3,8 @@
 EPLB, equal the one-process model without EPLB step for step (float64): the placement
 comes from the loads of all 4 ranks, each EP group migrates its own copy of the experts and
 their Adam state, replica gradients are exchanged during the backward within each EP group
-and then averaged over the copies, clipping sees each expert once. A placement-free checkpoint written there resumes on 2 ranks with the whole world as
+and then averaged over the copies (started right behind each layer's sums; after the
+backward with ``overlap_grad_sync=False``), clipping sees each expert once. A placement-free checkpoint written there resumes on 2 ranks with the whole world as
 the EP group and continues the same losses. Copies that differ between the EP groups are
 refused when training starts.
 """
@@ -20,7 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from lightning_eplb import EplbCallback, ExpertParallelMoE
+from lightning_eplb import EplbCallback, ExpertParallelMoE, _replica_sync
 from lightning_eplb._ep_layout import nodes_per_ep_group
 from tests._dist import spawn
 from tests.test_callback_train import (
@@ -71,16 +72,21 @@ def _run(rank: int, world_size: int, tmp: str) -> None:
     cb = EplbCallback(step_interval=2, window_size=3, min_improvement=0.0, log_every_n_steps=0)
     model = _SubgroupNet(ep=2)
     ckpt = ModelCheckpoint(dirpath=tmp, filename="ep2dp2-{step}", every_n_train_steps=4, save_top_k=-1)
-    with counting_launches() as launches:  # replica syncs started during the backward
+    averages = mock.patch.object(_replica_sync, "_start_average", wraps=_replica_sync._start_average)
+    with counting_launches() as launches, averages as started:  # started during the backward
         _fit(model, world_size, tmp, [cb, ckpt])
-    out["launches"] = len(launches)
+    out["launches"], out["averages"] = len(launches), started.call_count
     out["eplb"], out["records"] = _global_losses(model), cb.rearrangements
     out["layout"] = (cb._layout.ep_size, cb._layout.dp_size, model.moes[0].num_local_experts)
     # every slot moves every 2 steps: weights and Adam state travel within each EP group
-    cb = EplbCallback(step_interval=2, policy=_rotate, min_improvement=-1.0, log_every_n_steps=0)
+    # (and the replica sync and the average over the copies after the backward, not overlapped)
+    cb = EplbCallback(
+        step_interval=2, policy=_rotate, min_improvement=-1.0, log_every_n_steps=0, overlap_grad_sync=False
+    )
     model = _SubgroupNet(ep=2)
-    _fit(model, world_size, tmp, [cb])
-    out["rotate"] = _global_losses(model)
+    with counting_launches() as launches:
+        _fit(model, world_size, tmp, [cb])
+    out["rotate"], out["rotate_launches"] = _global_losses(model), len(launches)
     out["rotated"] = sum(r["slots_changed"] for r in cb.rearrangements)
     # the copies stay identical: the same slots hold the same bits in both EP groups
     w = torch.cat([p.detach().reshape(-1) for m in model.moes for p in m.expert_tensors()])
@@ -121,6 +127,8 @@ def test_expert_parallel_groups_inside_data_parallelism(tmp_path):
     out = torch.load(tmp_path / "ep2dp2.pt")
     assert out["layout"] == (2, 2, (E + 2) // 2)
     assert out["launches"] == 8 * 2  # overlapped: once per layer per optimizer step
+    assert out["averages"] == 8 * 2  # the average over the copies too, behind each sync
+    assert out["rotate_launches"] == 0
     torch.testing.assert_close(out["eplb"], expected, rtol=1e-9, atol=0)
     assert [r["step"] for r in out["records"]] == [2.0, 4.0, 6.0, 8.0]
     assert any(r["slots_changed"] > 0 for r in out["records"] if not r["skipped"])

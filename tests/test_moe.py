@@ -288,3 +288,19 @@ def test_state_dict_layout_marker_when_experts_equal_slots() -> None:
     assert torch.equal(ep.w1, dense.w1)
     with pytest.raises(ValueError, match="eplb_layout"):
         ep.load_state_dict({**dense.state_dict(), "eplb_layout": "sideways"})
+
+
+def test_built_inside_a_default_device_context() -> None:
+    """Lightning's ``configure_model`` on GPUs runs under ``torch.device("cuda")``; a layer
+    built there must keep its placement bookkeeping on the host (found on 4 H200s: the
+    start placement mixed CUDA and CPU tensors and raised). ``meta`` stands in for CUDA."""
+    with torch.device("meta"):
+        layer = ExpertParallelMoE(16, 32, 8, 2, num_redundant_experts=4, init_seed=0)
+        placement = Placement.contiguous(2, 8, 12, 2)
+    assert layer.gate.weight.is_meta and layer.w1.is_meta  # parameters follow the context
+    assert layer.physical_to_logical.device.type == "cpu"
+    assert layer.physical_to_logical.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3]
+    assert layer.logical_replica_count.tolist() == [2, 2, 2, 2, 1, 1, 1, 1]
+    assert layer._replicas.local_slots.device.type == "cpu"
+    assert placement.logical_to_physical.device.type == "cpu"
+    assert placement.logical_to_physical[0, 0].tolist() == [0, 8, -1, -1, -1]
