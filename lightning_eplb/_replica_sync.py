@@ -366,8 +366,30 @@ def start_sync(
             sums, on the CPU after waiting for them).
     """
     pending = PendingSync(_grads(params))
-    if not (index.num_local or index.num_all_reduce):
-        return pending
+    if index.num_local or index.num_all_reduce:
+        _start_exchange(pending, index, group)
+    if finish_early and pending.works and pending.grads[0].is_cuda:
+        # queue the sums now, behind the exchange, on a side stream: they run as soon as
+        # the data arrives, during the rest of the backward, instead of after it
+        stream = _side_stream(pending.grads[0].device)
+        with torch.cuda.stream(stream):
+            _wait_and_sum(pending, index)
+            pending.done = torch.cuda.Event()
+            pending.done.record(stream)
+    if copies_group is not None and dist.get_world_size(copies_group) > 1:
+        # also on a rank without replicated experts: every copy joins every average
+        if pending.done is None:  # CPU, or nothing exchanged: sum now (no-op without replicas)
+            _wait_and_sum(pending, index)
+            pending.summed = True
+            _start_average(pending, copies_group)
+        else:
+            with torch.cuda.stream(_side_stream(pending.grads[0].device)):  # behind the sums
+                _start_average(pending, copies_group)
+    return pending
+
+
+def _start_exchange(pending: PendingSync, index: ReplicaIndex, group: dist.ProcessGroup | None) -> None:
+    """Gather the local sums of :func:`start_sync` and post their exchange."""
     dev = index.on(pending.grads[0].device)
     # P2POp takes the peer's global rank (group_peer= needs torch >= 2.6)
     peers = [dist.get_global_rank(group, q) if group is not None else q for q, _ in index.peers]
@@ -397,24 +419,6 @@ def start_sync(
             dev.ar_pos.put(buf_XD, dev.ar_rows.take(local_KD))
             pending.ar_bufs.append(buf_XD)
             pending.works.append(dist.all_reduce(buf_XD, group=group, async_op=True))
-    cuda = pending.grads[0].is_cuda
-    if finish_early and pending.works and cuda:
-        # queue the sums now, behind the exchange, on a side stream: they run as soon as
-        # the data arrives, during the rest of the backward, instead of after it
-        stream = _side_stream(pending.grads[0].device)
-        with torch.cuda.stream(stream):
-            _wait_and_sum(pending, index)
-            pending.done = torch.cuda.Event()
-            pending.done.record(stream)
-    if copies_group is not None and dist.get_world_size(copies_group) > 1:
-        if pending.done is None:  # CPU, or nothing exchanged: sum now (no-op without replicas)
-            _wait_and_sum(pending, index)
-            pending.summed = True
-            _start_average(pending, copies_group)
-        else:
-            with torch.cuda.stream(_side_stream(pending.grads[0].device)):  # behind the sums
-                _start_average(pending, copies_group)
-    return pending
 
 
 def _start_average(pending: PendingSync, copies_group: dist.ProcessGroup) -> None:

@@ -65,6 +65,11 @@ class _SubgroupNet(_Net):
                 moe.gate.weight.copy_(gate)
 
 
+def _lopsided(load, num_physical, num_ranks, *, previous, **kwargs):
+    """EP rank 0 holds experts 0, 1, 2 once each; EP rank 1 holds expert 3 three times."""
+    return torch.tensor([[0, 1, 2, 3, 3, 3]]).expand(load.shape[0], -1)
+
+
 def _run(rank: int, world_size: int, tmp: str) -> None:
     torch.set_default_dtype(torch.float64)
     out: dict = {}
@@ -88,6 +93,12 @@ def _run(rank: int, world_size: int, tmp: str) -> None:
         _fit(model, world_size, tmp, [cb])
     out["rotate"], out["rotate_launches"] = _global_losses(model), len(launches)
     out["rotated"] = sum(r["slots_changed"] for r in cb.rearrangements)
+    # a placement that leaves EP rank 0 without a replicated expert (expert 3 in all of EP
+    # rank 1's slots): ranks 0 and 2 still average their copies during the backward
+    cb = EplbCallback(step_interval=2, policy=_lopsided, min_improvement=-1.0, log_every_n_steps=0)
+    model = _SubgroupNet(ep=2)
+    _fit(model, world_size, tmp, [cb])
+    out["lopsided"] = _global_losses(model)
     # the copies stay identical: the same slots hold the same bits in both EP groups
     w = torch.cat([p.detach().reshape(-1) for m in model.moes for p in m.expert_tensors()])
     copies = [torch.empty_like(w) for _ in range(world_size)]
@@ -134,6 +145,7 @@ def test_expert_parallel_groups_inside_data_parallelism(tmp_path):
     assert any(r["slots_changed"] > 0 for r in out["records"] if not r["skipped"])
     torch.testing.assert_close(out["rotate"], expected, rtol=1e-9, atol=0)
     assert out["rotated"] == 4 * 2 * 6  # 4 rearrangements x 2 layers x 6 slots
+    torch.testing.assert_close(out["lopsided"], expected, rtol=1e-9, atol=0)
     assert out["copies_equal"]
     spawn(_resume_on_two, world_size=2, args=(str(tmp_path),), timeout_s=120, init=False)
     if LIGHTNING_RESUMES_BATCH_END_EXACTLY:
