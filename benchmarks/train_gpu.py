@@ -52,15 +52,23 @@ def popularity_slices(num_layers: int, num_ranks: int, experts_per_rank: int, se
 
     Layer ``l`` uses DeepSeek-V3 MoE layer ``l``: of its 32-rank contiguous placement
     (8 experts per rank) it takes the hottest rank and ``num_ranks - 1`` others at random,
-    ``experts_per_rank`` experts of each: the skew a production EP group sees.
+    ``experts_per_rank`` experts of each: the skew a production EP group sees. With more
+    than 8 experts per rank the layer's 256 experts are cut into groups of
+    ``experts_per_rank`` instead (8 ranks x 32 experts: the whole layer, DeepSeek-V3's own
+    layout at EP8, issue 10).
     """
+    group = max(8, experts_per_rank)
+    if 256 % group or num_ranks > 256 // group:
+        raise ValueError(
+            f"{num_ranks} ranks x {experts_per_rank} experts do not fit DeepSeek-V3's 256 experts in groups of {group}"
+        )
     counts = torch.tensor(json.loads(LOADS.read_text())["logical_count"], dtype=torch.float64)
     g = torch.Generator().manual_seed(seed)
     rows = []
     for layer in range(num_layers):
-        ranks = counts[layer % counts.shape[0]].view(32, 8)
+        ranks = counts[layer % counts.shape[0]].view(256 // group, group)
         hot = int(ranks.sum(1).argmax())
-        others = [r for r in torch.randperm(32, generator=g).tolist() if r != hot][: num_ranks - 1]
+        others = [r for r in torch.randperm(256 // group, generator=g).tolist() if r != hot][: num_ranks - 1]
         rows.append(ranks[[hot, *others], :experts_per_rank].reshape(-1))
     pop = torch.stack(rows)
     return pop / pop.sum(1, keepdim=True)
