@@ -88,11 +88,12 @@ def test_balanced_optimal_on_tiny_cases(num_logical, num_physical, num_ranks):
         best = _brute_force_peak(load.tolist(), num_physical, num_ranks)
         assert got >= best - 1e-9
         worst = max(worst, got / best if best > 0 else 1.0)
-    # Stated factor: within 40% of the optimum. With 2-3 slots per rank and a handful of
+    # Stated factor: within 10% of the optimum. With 2-3 slots per rank and a handful of
     # experts, water-filling replica counts can be the wrong ones (e.g. loads [14, 15, 2],
     # 4 slots, 2 ranks: replicating expert 1 gives 21.5, replicating expert 2 gives 16);
-    # on the real loads (256 experts) the gap to the lower bound is below 0.3%.
-    assert worst <= 1.40
+    # the count search fixes most such rows (worst over these cases 1.34 before it, 1.08
+    # with it); on the real loads (256 experts) the gap to the lower bound is below 0.3%.
+    assert worst <= 1.10
 
 
 @settings(max_examples=40, deadline=None)
@@ -137,10 +138,10 @@ def test_valid_on_random_configurations(
         assert (p.logical_replica_count.sum(1) == num_physical).all()
         # with nodes, replicas stay in their node: a node with more slots per rank than
         # experts must double up (DeepSeek's layout does the same)
+        # (a whole layer may give an expert more replicas than ranks: 3 on 2 ranks split it
+        # 2:1, valid as every rank holds one; validate() checks the spread rule)
         if policy == "balanced" and per_rank <= num_logical // num_nodes:
             p.validate()
-            if per_rank <= num_logical:
-                assert int(p.logical_replica_count.max()) <= num_ranks
         if num_nodes > 1:
             _check_groups_on_nodes(p, num_groups, num_nodes)
 
@@ -292,3 +293,35 @@ def test_hierarchical_fallback_warns_once():
 def test_bad_input_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
         rebalance(**kwargs)
+
+
+def _brute_force_rank_balance(load: list[float], num_physical: int, num_ranks: int) -> float:
+    """Best balancedness over replica counts x placements on 2 ranks (the spread rule holds
+    for any split of the slots over 2 ranks of equal size when counts stay <= 3)."""
+    assert num_ranks == 2
+    num_logical, per_rank, best = len(load), num_physical // 2, 0.0
+    for extra in itertools.combinations_with_replacement(range(num_logical), num_physical - num_logical):
+        count = [1 + extra.count(e) for e in range(num_logical)]
+        if max(count) > 3:
+            continue
+        items = [load[e] / count[e] for e in range(num_logical) for _ in range(count[e])]
+        owner = [e for e in range(num_logical) for _ in range(count[e])]
+        for first in itertools.combinations(range(num_physical), per_rank):
+            copies = [sum(owner[i] == e for i in first) for e in range(num_logical)]
+            if any(abs(2 * c - count[e]) >= 2 for e, c in enumerate(copies)):  # spread rule
+                continue
+            a = sum(items[i] for i in first)
+            best = max(best, sum(items) / 2 / max(a, sum(items) - a))
+    return best
+
+
+def test_count_search_on_the_demo_loads():
+    """The CPU demo's first window (layer 0: 8 experts, 2 redundant, 2 ranks of 5 slots).
+    Water-filling replicates the two heaviest experts and reaches 0.917; a third replica of
+    a mid-weight expert instead balances the ranks (brute force 0.9998)."""
+    load = torch.tensor([13.0, 296.0, 2.0, 380.0, 8.0, 197.0, 65.0, 40.0])
+    best = _brute_force_rank_balance(load.tolist(), 10, 2)
+    p = rebalance(load, 10, 2)
+    p.validate()
+    assert best > 0.999
+    assert float(p.balancedness(load)) >= best - 0.005
