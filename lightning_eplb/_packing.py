@@ -39,9 +39,10 @@ def replica_counts(load_BE: np.ndarray, num_slots: int, num_ranks: int) -> np.nd
     """Water-filling: replica counts minimising the heaviest replica ``max_e load_e / count_e``.
 
     Equivalent to giving each extra slot, one at a time, to the expert with the highest load
-    per replica (lowest index on ties). An expert gets at most ``num_ranks`` replicas (a
-    second replica on one rank buys no balance) unless there are more slots than
-    ``E * num_ranks``, then at most a multiple of ``num_ranks``.
+    per replica (lowest index on ties). An expert gets at most ``num_ranks`` replicas, one
+    per rank, unless there are more slots than ``E * num_ranks``, then at most a multiple of
+    ``num_ranks``. (More can still help the packing: 3 replicas on 2 ranks split an expert
+    2:1; ``_policy_balanced._search_counts`` goes past the cap in small rows.)
 
     Args:
         load_BE: ``(B, E)`` non-negative float64 loads.
