@@ -122,7 +122,8 @@ def _search_counts(
             for count_E in beam:
                 for moved in _one_replica_moved(load_BE[b], count_E, cap):
                     key = moved.tobytes()
-                    if key not in seen:
+                    # no packing can beat the row's bound with these counts: skip it
+                    if key not in seen and _count_bound(load_BE[b], moved, num_ranks) < peak_B[b] * (1 - 1e-9):
                         seen.add(key)
                         cand_rows.append(b)
                         cand_counts.append(moved)
@@ -145,6 +146,14 @@ def _search_counts(
         if not beams:
             break
     return count_BE
+
+
+def _count_bound(load_E: np.ndarray, count_E: np.ndarray, num_ranks: int) -> float:
+    """A lower bound on the heaviest rank of any packing with these counts: the mean rank,
+    and the rank holding the heaviest replica, which also holds ``S - 1`` others."""
+    per_replica = load_E / count_E
+    per_rank = int(count_E.sum()) // num_ranks
+    return max(load_E.sum() / num_ranks, per_replica.max() + (per_rank - 1) * per_replica.min())
 
 
 def _one_replica_moved(load_E: np.ndarray, count_E: np.ndarray, cap: int | None) -> list[np.ndarray]:
