@@ -137,6 +137,8 @@ def _search_counts(
         next_beams = {}
         for b in beams:
             mine = np.nonzero(which == b)[0]
+            if not len(mine):  # every candidate pruned: nothing can beat this row's peak
+                continue
             ranked = mine[np.argsort(cand_peak[mine], kind="stable")]
             if cand_peak[ranked[0]] < peak_B[b] * (1 - 1e-9):
                 count_BE[b], peak_B[b] = counts_CE[ranked[0]], cand_peak[ranked[0]]
