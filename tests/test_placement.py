@@ -317,8 +317,8 @@ def _brute_force_rank_balance(load: list[float], num_physical: int, num_ranks: i
 
 def test_count_search_on_the_demo_loads():
     """The CPU demo's first window (layer 0: 8 experts, 2 redundant, 2 ranks of 5 slots).
-    Water-filling replicates the two heaviest experts and reaches 0.917; a third replica of
-    a mid-weight expert instead balances the ranks (brute force 0.9998)."""
+    Water-filling replicates the two heaviest experts and reaches 0.918; a third replica of
+    a mid-weight expert instead balances the ranks (brute force: 1.0 on these rounded loads, 0.9992 on the exact ones)."""
     load = torch.tensor([13.0, 296.0, 2.0, 380.0, 8.0, 197.0, 65.0, 40.0])
     best = _brute_force_rank_balance(load.tolist(), 10, 2)
     p = rebalance(load, 10, 2)
