@@ -29,6 +29,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
 from lightning_eplb._overlap import warm_up
+from lightning_eplb._replica_sync import start_average
 
 
 @dataclass
@@ -123,9 +124,9 @@ def nodes_per_ep_group(num_nodes: int, world_size: int, ep_size: int) -> int:
 def average_over_copies(
     layers: list[tuple[str, Any]], layout: ExpertParallelLayout, skip: set[int] | frozenset[int] = frozenset()
 ) -> None:
-    """Sum every expert gradient over the DP group and divide by ``D`` (after the replica
-    sync), except for the layers whose ``id`` is in ``skip`` (averaged by the overlap)."""
-    if layout.dp_size == 1:
+    """Average every expert gradient over the DP group (after the replica sync), except for
+    the layers whose ``id`` is in ``skip`` (averaged by the overlap)."""
+    if layout.dp_size == 1 or layout.dp_group is None:
         return
     grads: list[Tensor] = []
     for _, layer in layers:
@@ -135,8 +136,5 @@ def average_over_copies(
             if p.grad is None:  # every DP rank must join the same all-reduces
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
-    if not grads:
-        return
-    for g in grads:
-        dist.all_reduce(g, group=layout.dp_group)
-    torch._foreach_div_(grads, float(layout.dp_size))
+    if grads:
+        start_average(grads, layout.dp_group).finish()

@@ -138,7 +138,7 @@ class ReplicaSyncOverlap:
             if self.armed[i]:
                 if until_blocked and not self._ready[i]:
                     return
-                if self.copies_group is None:
+                if self.copies_group is None:  # a layer's own method may take the group only
                     self.order[i].start_replica_grad_sync(self.group)
                 else:
                     self.order[i].start_replica_grad_sync(self.group, self.copies_group)

@@ -2,9 +2,10 @@
 
 1. Replica counts by water-filling (:func:`~lightning_eplb._packing.replica_counts`); where
    the fresh packing with them stays more than ``COUNT_SEARCH_GAP`` above the lower bound
-   (few slots per rank) in a row of at most ``COUNT_SEARCH_MAX_SLOTS`` slots, a beam search over moving single replicas between experts
-   (:func:`_search_counts`); with a previous placement the previous counts, changed only
-   where a replica would get much heavier than with these (:func:`~lightning_eplb._warm.sticky_counts`).
+   (few slots per rank) in a row of at most ``COUNT_SEARCH_MAX_SLOTS`` slots, a beam search
+   over moving single replicas between experts (:func:`_search_counts`); with a previous
+   placement the previous counts, changed only where a replica would get much heavier than
+   with these (:func:`~lightning_eplb._warm.sticky_counts`).
 2. From scratch: balanced differencing (:func:`~lightning_eplb._packing.kk_pack`); with a
    previous placement: keep every replica that still exists in its slot and place only the
    new ones (:func:`~lightning_eplb._packing.warm_pack`).
@@ -87,93 +88,103 @@ def _fresh(load_BE: np.ndarray, count_BE: np.ndarray, num_ranks: int, target_B: 
 
 
 def _search_counts(
-    load_BE: np.ndarray, count_BE: np.ndarray, num_ranks: int, peak_B: np.ndarray, cap: int | None
-) -> np.ndarray:
+    load_BE: np.ndarray,
+    count_BE: np.ndarray,
+    num_ranks: int,
+    fresh_BNS: np.ndarray,
+    peak_B: np.ndarray,
+    cap: int | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Replica counts for the rows whose fresh packing is far above its lower bound.
 
     Water-filling minimises the heaviest replica, but with few slots per rank the packing is
     bound by how the items fill ranks of exactly ``S`` slots, not by the heaviest replica. A
     beam search moves one replica from a donor (an expert with several, least load lost
     first) to a receiver (heaviest load per replica after the move first), packs every
-    candidate as a fresh row would be packed, and keeps the ``COUNT_SEARCH_BEAM`` best count
-    vectors of each row for the next round; it stops when a round finds nothing better.
+    candidate as a fresh row would be packed (skipping those whose :func:`_count_bound`
+    cannot beat the row), and keeps the ``COUNT_SEARCH_BEAM`` best count vectors of each row
+    for the next round; it stops when a round finds nothing better.
 
     Args:
         load_BE: ``(B, E)`` loads.
         count_BE: ``(B, E)`` water-filling counts.
         num_ranks: ``N``.
-        peak_B: ``(B,)`` heaviest rank of the fresh packing with ``count_BE``.
+        fresh_BNS: ``(B, N, S)`` the fresh packing with ``count_BE``.
+        peak_B: ``(B,)`` its heaviest rank.
         cap: most replicas of one expert, or None. A whole layer needs none: more replicas
             than ranks are valid (the spread rule puts one on every rank first) and can
             balance better (3 replicas on 2 ranks split an expert 2:1). A node's row needs
             ``N``: ranks of the other nodes lack the expert, so two on one rank is invalid.
 
     Returns:
-        ``(B, E)`` counts: the best found (rows that need no search unchanged).
+        ``(counts, packing, peak)`` like the arguments: the best found per row (rows that
+        need no search unchanged).
     """
-    count_BE = count_BE.copy()
-    peak_B = peak_B.copy()
+    count_BE, fresh_BNS, peak_B = count_BE.copy(), fresh_BNS.copy(), peak_B.copy()
     rows = np.nonzero(peak_B > _lower_bound(load_BE, count_BE, num_ranks) * (1 + COUNT_SEARCH_GAP))[0]
-    beams = {int(b): [count_BE[b]] for b in rows}
+    beams = {int(b): count_BE[b : b + 1].copy() for b in rows}  # (K, E) count vectors per row
     for _ in range(COUNT_SEARCH_ROUNDS):
         cand_rows, cand_counts = [], []
-        for b, beam in beams.items():
-            seen = set()
-            for count_E in beam:
-                for moved in _one_replica_moved(load_BE[b], count_E, cap):
-                    key = moved.tobytes()
-                    # no packing can beat the row's bound with these counts: skip it
-                    if key not in seen and _count_bound(load_BE[b], moved, num_ranks) < peak_B[b] * (1 - 1e-9):
-                        seen.add(key)
-                        cand_rows.append(b)
-                        cand_counts.append(moved)
+        for b, beam_KE in beams.items():
+            moved_CE = np.concatenate([_one_replica_moved(load_BE[b], count_E, cap) for count_E in beam_KE])
+            if not len(moved_CE):  # no expert has a replica to give
+                continue
+            _, first = np.unique(moved_CE, axis=0, return_index=True)
+            moved_CE = moved_CE[np.sort(first)]  # distinct, in the order generated
+            keep = _count_bound(load_BE[b], moved_CE, num_ranks) < peak_B[b] * (1 - 1e-9)
+            cand_rows.extend([b] * int(keep.sum()))
+            cand_counts.append(moved_CE[keep])
         if not cand_rows:
             break
         which = np.asarray(cand_rows)
-        counts_CE = np.stack(cand_counts)
+        counts_CE = np.concatenate(cand_counts)
         loads_CE = load_BE[which]
         target_C = _lower_bound(loads_CE, counts_CE, num_ranks) * (1 + SCRATCH_TOLERANCE)
-        cand_peak = _fresh(loads_CE, counts_CE, num_ranks, target_C).rank_load.max(1)
+        packed = _fresh(loads_CE, counts_CE, num_ranks, target_C)
+        cand_peak = packed.rank_load.max(1)
         next_beams = {}
         for b in beams:
             mine = np.nonzero(which == b)[0]
-            if not len(mine):  # every candidate pruned: nothing can beat this row's peak
+            if not len(mine):  # every candidate skipped: nothing can beat this row's peak
                 continue
             ranked = mine[np.argsort(cand_peak[mine], kind="stable")]
-            if cand_peak[ranked[0]] < peak_B[b] * (1 - 1e-9):
-                count_BE[b], peak_B[b] = counts_CE[ranked[0]], cand_peak[ranked[0]]
-                if peak_B[b] > target_C[ranked[0]]:  # not at its bound yet: search on
-                    next_beams[b] = [counts_CE[c] for c in ranked[:COUNT_SEARCH_BEAM]]
+            best = ranked[0]
+            if cand_peak[best] < peak_B[b] * (1 - 1e-9):
+                count_BE[b], fresh_BNS[b], peak_B[b] = counts_CE[best], packed.expert[best], cand_peak[best]
+                if peak_B[b] > target_C[best]:  # not at its bound yet: search on
+                    next_beams[b] = counts_CE[ranked[:COUNT_SEARCH_BEAM]]
         beams = next_beams
         if not beams:
             break
-    return count_BE
+    return count_BE, fresh_BNS, peak_B
 
 
-def _count_bound(load_E: np.ndarray, count_E: np.ndarray, num_ranks: int) -> float:
-    """A lower bound on the heaviest rank of any packing with these counts: the mean rank,
-    and the rank holding the heaviest replica, which also holds ``S - 1`` others."""
-    per_replica = load_E / count_E
-    per_rank = int(count_E.sum()) // num_ranks
-    return max(load_E.sum() / num_ranks, per_replica.max() + (per_rank - 1) * per_replica.min())
+def _count_bound(load_E: np.ndarray, count_CE: np.ndarray, num_ranks: int) -> np.ndarray:
+    """``(C,)`` lower bounds on the heaviest rank of any packing with each count vector:
+    :func:`_lower_bound`, and the rank holding the heaviest replica, which also holds
+    ``S - 1`` others of at least the lightest replica's load."""
+    per_replica_CE = load_E / count_CE
+    per_rank = int(count_CE[0].sum()) // num_ranks
+    holder_C = per_replica_CE.max(1) + (per_rank - 1) * per_replica_CE.min(1)
+    return np.maximum(_lower_bound(np.broadcast_to(load_E, count_CE.shape), count_CE, num_ranks), holder_C)
 
 
-def _one_replica_moved(load_E: np.ndarray, count_E: np.ndarray, cap: int | None) -> list[np.ndarray]:
-    """Count vectors with one replica moved from a donor to a receiver (see :func:`_search_counts`)."""
+def _one_replica_moved(load_E: np.ndarray, count_E: np.ndarray, cap: int | None) -> np.ndarray:
+    """``(C, E)`` count vectors with one replica moved from a donor to a receiver (see
+    :func:`_search_counts`)."""
     donors = np.nonzero(count_E > 1)[0]
     donors = donors[np.argsort(load_E[donors] / (count_E[donors] - 1), kind="stable")][:COUNT_SEARCH_DONORS]
     receivers = np.argsort(-load_E / (count_E + 1), kind="stable")
     if cap is not None:
         receivers = receivers[count_E[receivers] < cap]
     receivers = receivers[: COUNT_SEARCH_RECEIVERS + 1]
-    out = []
-    for a in donors:
-        for e in receivers[receivers != a][:COUNT_SEARCH_RECEIVERS]:
-            moved = count_E.copy()
-            moved[a] -= 1
-            moved[e] += 1
-            out.append(moved)
-    return out
+    pairs = [(a, e) for a in donors for e in receivers[receivers != a][:COUNT_SEARCH_RECEIVERS]]
+    moved_CE = np.repeat(count_E[None], len(pairs), axis=0)
+    if pairs:
+        src, dst = np.asarray(pairs).T
+        moved_CE[np.arange(len(pairs)), src] -= 1
+        moved_CE[np.arange(len(pairs)), dst] += 1
+    return moved_CE
 
 
 def _match_ranks(fresh_BNS: np.ndarray, previous_BNS: np.ndarray, num_experts: int) -> np.ndarray:
@@ -261,18 +272,14 @@ def solve_flat(
     count_BE = replica_counts(load_BE, num_slots, num_ranks)
     bound_B = _lower_bound(load_BE, count_BE, num_ranks)
     fresh = _fresh(load_BE, count_BE, num_ranks, bound_B * (1 + SCRATCH_TOLERANCE))
-    searched_BE = count_BE
+    fresh_BNS, fresh_peak_B = fresh.expert, fresh.rank_load.max(1)
     if num_slots <= COUNT_SEARCH_MAX_SLOTS:
         cap = None if rows_per_layer == 1 else num_ranks  # node rows: see _search_counts
-        searched_BE = _search_counts(load_BE, count_BE, num_ranks, fresh.rank_load.max(1), cap)
-    if not np.array_equal(searched_BE, count_BE):
-        count_BE = searched_BE
+        count_BE, fresh_BNS, fresh_peak_B = _search_counts(load_BE, count_BE, num_ranks, fresh_BNS, fresh_peak_B, cap)
         bound_B = _lower_bound(load_BE, count_BE, num_ranks)
-        fresh = _fresh(load_BE, count_BE, num_ranks, bound_B * (1 + SCRATCH_TOLERANCE))
     if previous_BX is None:
-        return fresh.expert.reshape(num_rows, num_slots)
+        return fresh_BNS.reshape(num_rows, num_slots)
     previous_BNS = previous_BX.reshape(num_rows, num_ranks, per_rank)
-    fresh_peak_B = fresh.rank_load.max(1)
     # spend more of the balance budget where a fresh packing is itself far from the bound
     # (there movement is expensive); where it is at the bound, stay close to it
     gap_B = fresh_peak_B / np.where(bound_B > 0, bound_B, 1.0) - 1
@@ -319,7 +326,7 @@ def solve_flat(
         )
         worse = worse[peak_B[worse] > limit_B[worse]]
     if len(worse):
-        out_BNS[worse] = _match_ranks(fresh.expert[worse], previous_BNS[worse], num_experts)
+        out_BNS[worse] = _match_ranks(fresh_BNS[worse], previous_BNS[worse], num_experts)
     return out_BNS.reshape(num_rows, num_slots)
 
 

@@ -317,8 +317,7 @@ class PendingSync:
     works: list = field(default_factory=list)
     done: torch.cuda.Event | None = None
     summed: bool = False
-    copies: list = field(default_factory=list)  # the average over the copies, in flight
-    divide_by: int = 1  # after ``copies``: the copies' count where the backend has no AVG
+    copies: PendingAverage | None = None  # the average over the copies, in flight
 
 
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
@@ -381,10 +380,10 @@ def start_sync(
         if pending.done is None:  # CPU, or nothing exchanged: sum now (no-op without replicas)
             _wait_and_sum(pending, index)
             pending.summed = True
-            _start_average(pending, copies_group)
+            pending.copies = start_average(pending.grads, copies_group)
         else:
             with torch.cuda.stream(_side_stream(pending.grads[0].device)):  # behind the sums
-                _start_average(pending, copies_group)
+                pending.copies = start_average(pending.grads, copies_group)
     return pending
 
 
@@ -421,14 +420,31 @@ def _start_exchange(pending: PendingSync, index: ReplicaIndex, group: dist.Proce
             pending.works.append(dist.all_reduce(buf_XD, group=group, async_op=True))
 
 
-def _start_average(pending: PendingSync, copies_group: dist.ProcessGroup) -> None:
-    """Start averaging every gradient over ``copies_group`` (AVG where the backend has it,
-    else a sum divided in :func:`finish_sync`); issued on the current stream."""
-    avg = dist.get_backend(copies_group) == "nccl"
+@dataclass
+class PendingAverage:
+    """All-reduces of :func:`start_average` in flight, and the divisor still to apply."""
+
+    grads: list[Tensor]
+    works: list
+    divide_by: int
+
+    def finish(self) -> None:
+        """Wait (on the current stream) and divide where the backend had no AVG."""
+        for work in self.works:
+            work.wait()
+        if self.divide_by > 1:
+            torch._foreach_div_(self.grads, float(self.divide_by))
+
+
+def start_average(grads: list[Tensor], group: dist.ProcessGroup) -> PendingAverage:
+    """Start averaging every tensor in place over ``group``: NCCL's AVG, or a sum divided by
+    the group's size in :meth:`PendingAverage.finish` (gloo has no AVG); issued on the
+    current stream. Expert data parallelism's average over the copies, overlapped
+    (:func:`start_sync`) or after the backward (``_ep_layout.average_over_copies``)."""
+    avg = dist.get_backend(group) == "nccl"
     op = dist.ReduceOp.AVG if avg else dist.ReduceOp.SUM
-    for g in pending.grads:
-        pending.copies.append(dist.all_reduce(g, op=op, group=copies_group, async_op=True))
-    pending.divide_by = 1 if avg else dist.get_world_size(copies_group)
+    works = [dist.all_reduce(g, op=op, group=group, async_op=True) for g in grads]
+    return PendingAverage(grads, works, 1 if avg else dist.get_world_size(group))
 
 
 @torch.no_grad()
@@ -445,10 +461,8 @@ def finish_sync(pending: PendingSync, index: ReplicaIndex) -> None:
         torch.cuda.current_stream(pending.grads[0].device).wait_event(pending.done)
     elif not pending.summed:
         _wait_and_sum(pending, index)
-    for work in pending.copies:
-        work.wait()
-    if pending.divide_by > 1:
-        torch._foreach_div_(pending.grads, float(pending.divide_by))
+    if pending.copies is not None:
+        pending.copies.finish()
 
 
 def _wait_and_sum(pending: PendingSync, index: ReplicaIndex) -> None:

@@ -326,8 +326,8 @@ class EplbCallback(Callback):
             for _, layer in self.layers:
                 if id(layer) not in synced:
                     layer.sync_replica_grads()
-            averaged = synced if self._overlap is not None and self._overlap.copies_group is not None else set()
-            average_over_copies(self.layers, self._layout, skip=averaged)
+            # the overlap averaged the layers it synced (it gets the DP group whenever D > 1)
+            average_over_copies(self.layers, self._layout, skip=synced)
         if self._clip_norm is not None:
             utils.clip_global_norm(optimizer, self.layers, self._clip_norm, self._layout.ep_group)
 

@@ -54,9 +54,9 @@ class ExpertParallelMoE(nn.Module):
         num_expert_groups: ``G > 1`` turns on group-limited routing: a token picks its
             ``num_limited_groups`` best groups (group score: the max expert score in it),
             then its top-k experts inside them. ``E % G == 0``.
-        process_group: expert-parallel group (None: the whole world). With a subgroup,
-            :meth:`sync_replica_grads` averages over that group only: the expert gradients
-            must still be averaged over the groups' copies (EplbCallback does it).
+        process_group: expert-parallel group (None: the whole world). With a subgroup, the
+            backward averages expert gradients over that group only (``1 / N``): they must
+            still be averaged over the groups' copies (EplbCallback does it).
         num_limited_groups: default ``max(1, G // 2)``.
         init_seed: seed of the logical expert weights; None draws one from torch's global
             RNG (equal on every rank after ``seed_everything``).

@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from lightning_eplb import EplbCallback, ExpertParallelMoE, _replica_sync
+from lightning_eplb import EplbCallback, ExpertParallelMoE, _ep_layout, _replica_sync
 from lightning_eplb._ep_layout import nodes_per_ep_group
 from tests._dist import spawn
 from tests.test_callback_train import (
@@ -77,10 +77,13 @@ def _run(rank: int, world_size: int, tmp: str) -> None:
     cb = EplbCallback(step_interval=2, window_size=3, min_improvement=0.0, log_every_n_steps=0)
     model = _SubgroupNet(ep=2)
     ckpt = ModelCheckpoint(dirpath=tmp, filename="ep2dp2-{step}", every_n_train_steps=4, save_top_k=-1)
-    averages = mock.patch.object(_replica_sync, "_start_average", wraps=_replica_sync._start_average)
-    with counting_launches() as launches, averages as started:  # started during the backward
+    # averages started by the overlap (_replica_sync's binding) and after the backward
+    # (_ep_layout's binding of the same function)
+    during = mock.patch.object(_replica_sync, "start_average", wraps=_replica_sync.start_average)
+    after = mock.patch.object(_ep_layout, "start_average", wraps=_replica_sync.start_average)
+    with counting_launches() as launches, during as started, after as late:
         _fit(model, world_size, tmp, [cb, ckpt])
-    out["launches"], out["averages"] = len(launches), started.call_count
+    out["launches"], out["averages"], out["late_averages"] = len(launches), started.call_count, late.call_count
     out["eplb"], out["records"] = _global_losses(model), cb.rearrangements
     out["layout"] = (cb._layout.ep_size, cb._layout.dp_size, model.moes[0].num_local_experts)
     # every slot moves every 2 steps: weights and Adam state travel within each EP group
@@ -89,9 +92,10 @@ def _run(rank: int, world_size: int, tmp: str) -> None:
         step_interval=2, policy=_rotate, min_improvement=-1.0, log_every_n_steps=0, overlap_grad_sync=False
     )
     model = _SubgroupNet(ep=2)
-    with counting_launches() as launches:
+    after = mock.patch.object(_ep_layout, "start_average", wraps=_replica_sync.start_average)
+    with counting_launches() as launches, after as late:
         _fit(model, world_size, tmp, [cb])
-    out["rotate"], out["rotate_launches"] = _global_losses(model), len(launches)
+    out["rotate"], out["rotate_launches"], out["rotate_late"] = _global_losses(model), len(launches), late.call_count
     out["rotated"] = sum(r["slots_changed"] for r in cb.rearrangements)
     # a placement that leaves EP rank 0 without a replicated expert (expert 3 in all of EP
     # rank 1's slots): ranks 0 and 2 still average their copies during the backward
@@ -139,7 +143,9 @@ def test_expert_parallel_groups_inside_data_parallelism(tmp_path):
     assert out["layout"] == (2, 2, (E + 2) // 2)
     assert out["launches"] == 8 * 2  # overlapped: once per layer per optimizer step
     assert out["averages"] == 8 * 2  # the average over the copies too, behind each sync
+    assert out["late_averages"] == 0  # ... and none left for after the backward
     assert out["rotate_launches"] == 0
+    assert out["rotate_late"] == 8  # without the overlap: once per step, after the backward
     torch.testing.assert_close(out["eplb"], expected, rtol=1e-9, atol=0)
     assert [r["step"] for r in out["records"]] == [2.0, 4.0, 6.0, 8.0]
     assert any(r["slots_changed"] > 0 for r in out["records"] if not r["skipped"])
