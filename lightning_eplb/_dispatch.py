@@ -4,9 +4,15 @@ token gather and weighted combine around the experts.
 The gather and the combine take a ``grad_scale``: the combine hands the experts
 ``grad_scale`` times their output gradient and the gather multiplies the input gradient by
 ``1 / grad_scale`` again, so expert weight gradients leave the backward already scaled
-(``1 / N``, DDP's averaging) while every other gradient is unchanged. Both factors ride on
-multiplications the backward makes anyway, so the scaling costs no pass over the expert
+(``1 / N``, DDP's averaging) while every other gradient is unchanged. The combine's factor
+rides on the router-weight multiplication its backward makes anyway and the gather's is one
+multiply of the ``(T, H)`` token gradient, so the scaling costs no pass over the expert
 gradients; with ``N`` a power of two it is exact.
+
+Row permutations (:func:`permute_rows`) and the gather (:func:`gather_copies`) have
+backwards that gather with the inverse permutation instead of autograd's scatter-add: no
+atomics (bf16 atomic adds cost about a quarter of a layer's step on an H200) and the same
+bits on every run.
 
 Shapes: ``N`` ranks of the expert-parallel group, ``S`` local slots, ``R`` rows, ``T``
 tokens, ``K`` experts per token, ``C = T * K`` token copies, ``H`` hidden size.
@@ -90,21 +96,68 @@ def exchange_counts(
     return recv_NS, host[:num_ranks], host[num_ranks : 2 * num_ranks], host[2 * num_ranks :]
 
 
-class _GatherRows(torch.autograd.Function):
-    """``x[index]`` whose backward scatters ``grad / grad_scale`` back (one ``index_add_``,
-    as autograd's own backward of ``index_select``, with ``alpha``)."""
+def wide_rows(t: Tensor) -> Tensor:
+    """``t`` as ``(rows, D)`` viewed with the widest integer type its rows allow, when it is
+    contiguous: row copies by index then move 8 bytes per element instead of 2 (bf16)."""
+    if t.dim() < 2 or not t.is_contiguous():
+        return t
+    t = t.flatten(1)
+    row_bytes = t.shape[1] * t.element_size()
+    for dtype in (torch.int64, torch.int32):
+        if dtype.itemsize > t.element_size() and row_bytes % dtype.itemsize == 0:
+            return t.view(dtype)
+    return t
+
+
+def take_rows(x: Tensor, index: Tensor) -> Tensor:
+    """``x[index]`` along the first dimension (rows copied as wide integers where possible)."""
+    x = x.contiguous()
+    return wide_rows(x).index_select(0, index).view(x.dtype).view(index.shape[0], *x.shape[1:])
+
+
+class _PermuteRows(torch.autograd.Function):
+    """``x[perm]`` for a permutation, whose backward is ``grad[inv]``: a gather, where
+    autograd's own backward of ``index_select`` scatters with atomic adds (slow on bf16 and
+    not reproducible on GPU)."""
 
     @staticmethod
-    def forward(ctx: Any, x_TH: Tensor, index_C: Tensor, grad_scale: float) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(index_C)
-        ctx.num_rows, ctx.inv_scale = x_TH.shape[0], 1.0 / grad_scale
-        return x_TH.index_select(0, index_C)
+    def forward(ctx: Any, x: Tensor, perm: Tensor, inv: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(inv)
+        return take_rows(x, perm)
 
     @staticmethod
-    def backward(ctx: Any, grad_CH: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
-        (index_C,) = ctx.saved_tensors
-        grad_TH = grad_CH.new_zeros((ctx.num_rows, *grad_CH.shape[1:]))
-        return grad_TH.index_add_(0, index_C, grad_CH, alpha=ctx.inv_scale), None, None
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        (inv,) = ctx.saved_tensors
+        return take_rows(grad, inv), None, None
+
+
+def permute_rows(x: Tensor, perm: Tensor, inv: Tensor) -> Tensor:
+    """``x[perm]``, ``perm`` a permutation of the rows and ``inv`` its inverse."""
+    return _PermuteRows.apply(x, perm, inv)
+
+
+class _GatherCopies(torch.autograd.Function):
+    """The ``top_k`` copies of every token in sorted order; backward: each token's copies
+    gathered back (``inv``) and summed over ``k`` in a fixed order, divided by
+    ``grad_scale``. No atomics: deterministic, and the sum does not depend on the order
+    the copies were sorted in."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x_TH: Tensor, order_C: Tensor, inv_C: Tensor, top_k: int, grad_scale: float
+    ) -> Tensor:
+        ctx.save_for_backward(inv_C)
+        ctx.top_k, ctx.inv_scale = top_k, 1.0 / grad_scale
+        return take_rows(x_TH, torch.div(order_C, top_k, rounding_mode="floor"))
+
+    @staticmethod
+    def backward(ctx: Any, grad_CH: Tensor) -> tuple[Tensor, None, None, None, None]:  # type: ignore[override]
+        (inv_C,) = ctx.saved_tensors
+        grad_CH = take_rows(grad_CH, inv_C)
+        grad_TH = grad_CH.view(-1, ctx.top_k, *grad_CH.shape[1:]).sum(1)
+        if ctx.inv_scale != 1.0:
+            grad_TH.mul_(ctx.inv_scale)
+        return grad_TH, None, None, None, None
 
 
 class _Combine(torch.autograd.Function):
@@ -130,12 +183,14 @@ class _Combine(torch.autograd.Function):
         return grad_y, grad_w, None
 
 
-def gather_rows(x_TH: Tensor, index_C: Tensor, grad_scale: float = 1.0) -> Tensor:
-    """``x_TH.index_select(0, index_C)``; its backward divides the gradient by ``grad_scale``
-    (undoing :func:`combine`'s factor for the token gradients)."""
-    if grad_scale == 1.0:
-        return x_TH.index_select(0, index_C)
-    return _GatherRows.apply(x_TH, index_C, grad_scale)
+def gather_copies(
+    x_TH: Tensor, order_C: Tensor, inv_C: Tensor, top_k: int, grad_scale: float = 1.0
+) -> Tensor:
+    """``x_TH[order_C // top_k]``: copy ``c`` of the flat ``(token, k)`` order sits at row
+    ``inv_C[c]`` (``order_C`` a permutation of ``T * top_k`` copies, ``inv_C`` its inverse);
+    the backward sums every token's copies and divides by ``grad_scale`` (undoing
+    :func:`combine`'s factor for the token gradients)."""
+    return _GatherCopies.apply(x_TH, order_C, inv_C, top_k, grad_scale)
 
 
 def combine(y_TKH: Tensor, w_TK: Tensor, grad_scale: float = 1.0) -> Tensor:

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_eplb._dispatch import wide_rows
 from lightning_eplb.placement import on_host
 
 
@@ -54,14 +55,14 @@ class _Rows:
         """``src[rows]``: a view for a run, else a gathered copy."""
         if self.start is not None:
             return src[self.start : self.start + len(self)]
-        return _wide(src).index_select(0, self.index).view(src.dtype)
+        return wide_rows(src).index_select(0, self.index).view(src.dtype)
 
     def put(self, dst: Tensor, values: Tensor) -> None:
         """``dst[rows] = values``."""
         if self.start is not None:
             dst[self.start : self.start + len(self)].copy_(values)
         else:
-            _wide(dst).index_copy_(0, self.index, _wide(values))
+            wide_rows(dst).index_copy_(0, self.index, wide_rows(values))
 
     def add(self, dst: Tensor, values: Tensor) -> None:
         """``dst[rows] += values`` (rows are unique: one rounding per element, as ``a + b``)."""
@@ -69,17 +70,6 @@ class _Rows:
             dst[self.start : self.start + len(self)].add_(values)
         else:
             dst.index_add_(0, self.index, values)
-
-
-def _wide(t: Tensor) -> Tensor:
-    """``(rows, D)`` contiguous, viewed with the widest integer type its rows allow: row
-    copies by index then move 8 bytes per element instead of 2 (bf16)."""
-    row_bytes = t.shape[1] * t.element_size()
-    for dtype in (torch.int64, torch.int32):
-        size = dtype.itemsize
-        if size > t.element_size() and row_bytes % size == 0 and t.is_contiguous():
-            return t.view(dtype)
-    return t
 
 
 @dataclass(frozen=True)

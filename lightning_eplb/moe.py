@@ -9,7 +9,7 @@ Shapes (suffixes used in names below):
 
 Forward on ``N > 1`` ranks: route (top-k logical experts per token), pick one replica of
 each choice (round-robin over the expert's replicas in the order of the copies, see
-``_choose_replicas``: deterministic in the token positions, even over replicas), count the
+``_sort_by_slot``: deterministic in the token positions, even over replicas), count the
 copies per slot into ``expert_load``, sort them by slot, exchange the per-slot counts
 (one small all-to-all, then **one host synchronisation**: the row exchange needs its split
 sizes as Python integers), send the rows with an uneven all-to-all, run all local slots in
@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_eplb._dispatch import all_to_all, combine, exchange_counts, gather_rows
+from lightning_eplb._dispatch import all_to_all, combine, exchange_counts, gather_copies, permute_rows
 from lightning_eplb._grouped import BACKENDS, grouped_swiglu, resolve_backend
 from lightning_eplb._moe_state import load_state_dict_post_hook, load_state_dict_pre_hook
 from lightning_eplb._replica_sync import PendingSync, ReplicaIndex, finish_sync, start_sync
@@ -40,6 +40,32 @@ __all__ = ["BalanceableMoE", "ExpertParallelMoE"]
 def _inverse_permutation(perm: Tensor) -> Tensor:
     inv = torch.empty_like(perm)
     return inv.scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
+
+
+def _slot_order(recv_NS: Tensor, num_recv: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Sort the received rows (grouped by source rank, each group by slot) by local slot,
+    stably, without a sort: the rows of block ``(n, s)`` move from its offset in ``(n, s)``
+    order to its offset in ``(s, n)`` order.
+
+    Args:
+        recv_NS: ``(N, S)`` rows received from rank ``n`` for local slot ``s``.
+        num_recv: ``R``, their total (known on the host).
+
+    Returns:
+        ``perm_R`` (the received row at each sorted position), its inverse, and the sorted
+        rows' slots.
+    """
+    num_ranks, slots = recv_NS.shape
+    count_B = recv_NS.reshape(-1)  # blocks in (n, s) order
+    src_B = torch.cumsum(count_B, 0) - count_B
+    count_SN = recv_NS.t().reshape(-1)
+    dst_B = (torch.cumsum(count_SN, 0) - count_SN).view(slots, num_ranks).t().reshape(-1)
+    blocks = torch.arange(num_ranks * slots, device=recv_NS.device)
+    block_R = torch.repeat_interleave(blocks, count_B, output_size=num_recv)
+    inv_R = torch.arange(num_recv, device=recv_NS.device) + (dst_B - src_B).index_select(0, block_R)
+    local_S = torch.arange(slots, device=recv_NS.device)
+    slot_R = torch.repeat_interleave(local_S, recv_NS.sum(0), output_size=num_recv)
+    return _inverse_permutation(inv_R), inv_R, slot_R
 
 
 class ExpertParallelMoE(nn.Module):
@@ -389,48 +415,64 @@ class ExpertParallelMoE(nn.Module):
         )
 
         expert_C = experts_TK.reshape(-1)
-        replica_C = self._choose_replicas(expert_C)
-        width = self.logical_to_physical.shape[1]
-        slot_C = self.logical_to_physical.reshape(-1).index_select(0, expert_C * width + replica_C)
-        count_P = torch.zeros(self.num_physical_experts, dtype=torch.int64, device=x.device)
-        count_P.index_add_(0, slot_C, torch.ones_like(slot_C))
+        order_C, slot_sorted_C, count_P = self._sort_by_slot(expert_C)
         if self.training:
             self.expert_load.add_(count_P)
 
         # expert weight gradients leave the backward divided by N (DDP's averaging): the
-        # factor rides on the combine's and the gather's own multiplications
+        # factor rides on the combine's router-weight multiplication
         grad_scale = 1.0 / self._ep_size
-        order_C = torch.argsort(slot_C, stable=True)
-        x_CH = gather_rows(x_TH, order_C // top_k, grad_scale)
-        y_CH = self._experts(x_CH, slot_C.index_select(0, order_C), count_P)
-        y_CH = y_CH.index_select(0, _inverse_permutation(order_C))
-        y_TKH = y_CH.view(num_tokens, top_k, -1)
+        inv_C = _inverse_permutation(order_C)
+        x_CH = gather_copies(x_TH, order_C, inv_C, top_k, grad_scale)
+        y_CH = self._experts(x_CH, slot_sorted_C, count_P)
+        y_TKH = permute_rows(y_CH, inv_C, order_C).view(num_tokens, top_k, -1)
         y_TH = combine(y_TKH, weights_TK.to(y_CH.dtype), grad_scale)
         return y_TH.view(x.shape)
 
-    def _choose_replicas(self, expert_C: Tensor) -> Tensor:
-        """Replica of every token copy: the ``n``-th copy of expert ``e`` (in flat
-        ``(token, k)`` order) goes to replica ``(n + rank) % replica_count[e]``, so one
-        expert's copies split over its replicas within one (the rank offset spreads the
-        remainders over ranks) and the choice depends on positions only.
+    def _sort_by_slot(self, expert_C: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Pick a replica for every token copy and sort the copies by slot.
+
+        The ``n``-th copy of expert ``e`` (in flat ``(token, k)`` order) goes to replica
+        ``j = (n + rank) % c`` of its ``c`` replicas, so one expert's copies split over its
+        replicas within one (the rank offset spreads the remainders over ranks) and the
+        choice depends on positions only. One stable sort by expert gives ``n``; a copy's
+        place among its slot's copies follows from ``n`` arithmetically (``n + rank = j + c q``
+        for consecutive ``q``), so no second sort by slot is needed.
 
         Args:
             expert_C: ``(C,)`` logical expert of each copy.
 
         Returns:
-            ``(C,)`` int64 replica index in ``[0, replica_count[e])``.
+            ``order_C``: ``(C,)`` the copies sorted by slot (stable: ``argsort(slot_C,
+            stable=True)``); ``slot_sorted_C``: their slots, non-decreasing; ``count_P``:
+            ``(P,)`` copies per slot.
         """
+        table = self.logical_to_physical.reshape(-1)
+        width = self.logical_to_physical.shape[1]
+        count_P = torch.zeros(self.num_physical_experts, dtype=torch.int64, device=expert_C.device)
         if self._replicas.num_replicated == 0:  # known on the host: every expert has one slot
-            return torch.zeros_like(expert_C)
-        num_copies = expert_C.numel()
-        order_C = torch.argsort(expert_C, stable=True)
+            slot_C = table.index_select(0, expert_C * width)
+            count_P.index_add_(0, slot_C, torch.ones_like(slot_C))
+            order_C = torch.argsort(slot_C, stable=True)
+            return order_C, slot_C.index_select(0, order_C), count_P
+        num_copies, rank = expert_C.numel(), self._ep_rank
+        by_expert_C = torch.argsort(expert_C, stable=True)
+        expert_sorted_C = expert_C.index_select(0, by_expert_C)
         per_expert_E = torch.zeros(self.num_logical_experts, dtype=torch.int64, device=expert_C.device)
         per_expert_E.index_add_(0, expert_C, torch.ones_like(expert_C))
         start_E = torch.cumsum(per_expert_E, 0) - per_expert_E
         copy_C = torch.arange(num_copies, device=expert_C.device)
-        nth_sorted_C = copy_C - start_E.index_select(0, expert_C.index_select(0, order_C))
-        nth_C = torch.empty_like(nth_sorted_C).scatter_(0, order_C, nth_sorted_C)
-        return (nth_C + self._ep_rank) % self.logical_replica_count.index_select(0, expert_C)
+        shifted_C = copy_C - start_E.index_select(0, expert_sorted_C) + rank  # n + rank
+        replicas_C = self.logical_replica_count.index_select(0, expert_sorted_C)
+        replica_C = shifted_C % replicas_C
+        slot_C = table.index_select(0, expert_sorted_C * width + replica_C)
+        count_P.index_add_(0, slot_C, torch.ones_like(slot_C))
+        # the slot's copies have n + rank = j + c q for q = q0, q0 + 1, ...; q0 = ceil((rank - j) / c)
+        first_C = torch.div(rank - replica_C + replicas_C - 1, replicas_C, rounding_mode="floor")
+        within_C = torch.div(shifted_C, replicas_C, rounding_mode="floor") - first_C
+        place_C = (torch.cumsum(count_P, 0) - count_P).index_select(0, slot_C) + within_C
+        order_C = torch.empty_like(by_expert_C).scatter_(0, place_C, by_expert_C)
+        return order_C, torch.empty_like(slot_C).scatter_(0, place_C, slot_C), count_P
 
     def _experts(self, x_CH: Tensor, slot_C: Tensor, count_P: Tensor) -> Tensor:
         """Run sorted token copies through their slots, wherever they live.
@@ -453,19 +495,11 @@ class ExpertParallelMoE(nn.Module):
             count_P.view(num_ranks, slots), group
         )
         x_RH = all_to_all(x_CH, output_splits, input_splits, group)
-        num_recv = sum(output_splits)
-        local_NS = torch.arange(slots, device=x_CH.device).repeat(num_ranks)
-        slot_R = torch.repeat_interleave(local_NS, recv_NS.reshape(-1), output_size=num_recv)
-        perm_R = torch.argsort(slot_R, stable=True)
+        perm_R, inv_R, slot_R = _slot_order(recv_NS, sum(output_splits))
         y_RH = grouped_swiglu(
-            x_RH.index_select(0, perm_R),
-            slot_R.index_select(0, perm_R),
-            recv_NS.sum(0),
-            slot_counts,
-            *weights,
-            backend,
+            permute_rows(x_RH, perm_R, inv_R), slot_R, recv_NS.sum(0), slot_counts, *weights, backend
         )
-        y_RH = y_RH.index_select(0, _inverse_permutation(perm_R))
+        y_RH = permute_rows(y_RH, inv_R, perm_R)
         return all_to_all(y_RH, input_splits, output_splits, group)
 
     def extra_repr(self) -> str:

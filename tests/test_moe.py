@@ -166,6 +166,48 @@ def test_load_counts_equal_brute_force_and_spread_evenly() -> None:
     assert ep.expert_load.tolist() == [0] * 8
 
 
+def test_sort_by_slot_equals_the_replica_rule_and_a_stable_sort() -> None:
+    """One sort by expert plus arithmetic: the replica of brute_load's rule for any rank
+    offset (also ranks beyond an expert's replica count) and the order of a stable argsort
+    by slot; with no replicated expert the plain path."""
+    gen = torch.Generator().manual_seed(5)
+    for seed in range(6):
+        physical = 6 if seed == 0 else 13  # seed 0: no replicas
+        ep, _ = make_pair(8, 12, 6, 2, redundant=physical - 6)
+        placement = random_placement(6, physical, 1, seed)
+        ep.set_placement(
+            placement.physical_to_logical[0], placement.logical_to_physical[0], placement.logical_replica_count[0]
+        )
+        l2p, count = placement.logical_to_physical[0].tolist(), placement.logical_replica_count[0].tolist()
+        for rank in range(5):
+            ep._ep_rank = rank
+            expert_C = torch.randint(0, 6, (60,), generator=gen)
+            order, slots, count_P = ep._sort_by_slot(expert_C)
+            seen, want = [0] * 6, []
+            for e in expert_C.tolist():
+                want.append(l2p[e][(seen[e] + rank) % count[e]])
+                seen[e] += 1
+            slot_C = torch.tensor(want)
+            assert order.tolist() == torch.argsort(slot_C, stable=True).tolist()
+            assert slots.tolist() == sorted(want)
+            assert count_P.tolist() == torch.bincount(slot_C, minlength=physical).tolist()
+
+
+def test_slot_order_equals_a_stable_sort() -> None:
+    from lightning_eplb.moe import _slot_order
+
+    gen = torch.Generator().manual_seed(2)
+    for ranks, slots in [(1, 1), (2, 3), (4, 5), (3, 1)]:
+        recv_NS = torch.randint(0, 4, (ranks, slots), generator=gen)
+        recv_NS[0, 0] = 0  # empty blocks too
+        local = torch.arange(slots).repeat(ranks)
+        slot_R = torch.repeat_interleave(local, recv_NS.reshape(-1))
+        perm, inv, sorted_slots = _slot_order(recv_NS, int(recv_NS.sum()))
+        assert perm.tolist() == torch.argsort(slot_R, stable=True).tolist()
+        assert torch.equal(inv[perm], torch.arange(len(perm)))
+        assert sorted_slots.tolist() == sorted(slot_R.tolist())
+
+
 def test_placement_change_with_moved_weights_keeps_outputs() -> None:
     ep, dense = make_pair(8, 12, 6, 3, redundant=3, expert_backend="bmm")
     x = torch.randn(11, 8, dtype=DT)
