@@ -8,13 +8,19 @@ computes the identical floating-point value and replicas stay bit-identical.
 Two ways to get the other holders' local sums, chosen per expert on the host when the
 placement changes (the same choice on every rank, as it depends on the placement only):
 
-* point-to-point: each rank sends its local sums to every other holder, one packed buffer
-  per peer, all peers in one ``batch_isend_irecv``; ``(h - 1) * D`` elements sent per
-  holder of an expert with ``h`` holders.
+* point-to-point: each rank sends its local sums to every other holder, all peers in one
+  ``batch_isend_irecv``; ``(h - 1) * D`` elements sent per holder of an expert with ``h``
+  holders.
 * all-reduce over the EP group: ``2 (N - 1) / N * D`` elements per rank per expert, whether
   the rank holds it or not; cheaper for experts held by many ranks.
 
 An expert held by one rank only (several slots there) needs no communication.
+
+When every replicated expert of a rank sits in one local slot there (the usual case), the
+local sums are the gradient's own rows: messages are views of them, the sums are added in
+place, nothing is written back. Row sets of at most ``MAX_RUNS`` runs of consecutive rows
+are handled slice by slice (one message per run, both sides compute the same split);
+others go through one gathered copy.
 
 Shapes: ``E`` logical experts, ``P`` physical slots, ``S`` local slots, ``N`` EP ranks,
 ``Q`` local slots holding a replicated expert, ``K`` replicated experts held by this rank,
@@ -34,56 +40,134 @@ from lightning_eplb._dispatch import wide_rows
 from lightning_eplb.placement import on_host
 
 
+MAX_RUNS = 8  # row sets of at most this many runs are handled as slices (no copies)
+
+
+def _runs(values: list[int]) -> list[tuple[int, int]]:
+    """``(start, length)`` of the maximal runs ``v, v + 1, ...`` of ``values``."""
+    runs: list[tuple[int, int]] = []
+    for v in values:
+        if runs and runs[-1][0] + runs[-1][1] == v:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((v, 1))
+    return runs
+
+
+def _message_sizes(rows: list[int]) -> list[int]:
+    """How the rows sent to one peer are split into messages: one per run (sent straight
+    from the gradient, no copy) when there are at most ``MAX_RUNS``, else one packed copy.
+    Sender and receiver compute it from the same rows."""
+    runs = _runs(rows)
+    return [n for _, n in runs] if len(runs) <= MAX_RUNS else [len(rows)]
+
+
 @dataclass(frozen=True)
 class _Rows:
-    """Row indices on a device, plus ``start`` when they are ``start, start + 1, ...``: a
-    contiguous run is then a slice (no copy for sends, fast copies elsewhere)."""
+    """Row indices on a device, plus their runs when there are at most ``MAX_RUNS``: the
+    rows are then handled as slices (views for sends, in-place adds, no gathered copies)."""
 
     index: Tensor
-    start: int | None
+    runs: tuple[tuple[int, int], ...] | None
 
     @classmethod
     def of(cls, rows: Tensor, device: torch.device) -> _Rows:
-        values = rows.tolist()
-        run = bool(values) and values == list(range(values[0], values[0] + len(values)))
-        return cls(rows.to(device, non_blocking=True), values[0] if run else None)
+        runs = _runs(rows.tolist())
+        return cls(rows.to(device, non_blocking=True), tuple(runs) if len(runs) <= MAX_RUNS else None)
 
     def __len__(self) -> int:
         return int(self.index.numel())
 
+    def _slices(self) -> list[tuple[int, slice]]:
+        """(position in the rows, slice of the indexed tensor) per run."""
+        assert self.runs is not None
+        out, pos = [], 0
+        for start, n in self.runs:
+            out.append((pos, slice(start, start + n)))
+            pos += n
+        return out
+
+    def parts(self, src: Tensor) -> list[Tensor]:
+        """``src[rows]`` as the messages of :func:`_message_sizes`: views, or one copy."""
+        if self.runs is not None:
+            return [src[rows] for _, rows in self._slices()]
+        return [self.take(src)]
+
     def take(self, src: Tensor) -> Tensor:
-        """``src[rows]``: a view for a run, else a gathered copy."""
-        if self.start is not None:
-            return src[self.start : self.start + len(self)]
+        """``src[rows]``: a view for one run, else a gathered copy."""
+        if self.runs is not None and len(self.runs) == 1:
+            return src[self._slices()[0][1]]
         return wide_rows(src).index_select(0, self.index).view(src.dtype)
 
     def put(self, dst: Tensor, values: Tensor) -> None:
         """``dst[rows] = values``."""
-        if self.start is not None:
-            dst[self.start : self.start + len(self)].copy_(values)
+        if self.runs is not None:
+            for pos, rows in self._slices():
+                dst[rows].copy_(values[pos : pos + rows.stop - rows.start])
         else:
-            wide_rows(dst).index_copy_(0, self.index, wide_rows(values))
+            wide_rows(dst).index_copy_(0, self.index, wide_rows(values.contiguous()))
 
     def add(self, dst: Tensor, values: Tensor) -> None:
         """``dst[rows] += values`` (rows are unique: one rounding per element, as ``a + b``)."""
-        if self.start is not None:
-            dst[self.start : self.start + len(self)].add_(values)
+        if self.runs is not None:
+            for pos, rows in self._slices():
+                dst[rows].add_(values[pos : pos + rows.stop - rows.start])
+        else:  # gather, add, write back: no atomic adds
+            self.put(dst, self.take(dst) + values)
+
+
+@dataclass(frozen=True)
+class _Pair:
+    """``dst[dst_rows] op= src[src_rows]`` row for row; by slices where both sides run
+    together in at most ``MAX_RUNS`` pieces, else through a gathered copy of the source."""
+
+    dst: _Rows
+    src: _Rows
+    segments: tuple[tuple[int, int, int], ...] | None  # (dst start, src start, length)
+
+    @classmethod
+    def of(cls, dst: Tensor, src: Tensor, device: torch.device) -> _Pair:
+        pairs = list(zip(dst.tolist(), src.tolist(), strict=True))
+        segments: list[tuple[int, int, int]] = []
+        for d, s in pairs:
+            if segments and segments[-1][0] + segments[-1][2] == d and segments[-1][1] + segments[-1][2] == s:
+                segments[-1] = (segments[-1][0], segments[-1][1], segments[-1][2] + 1)
+            else:
+                segments.append((d, s, 1))
+        fits = len(segments) <= MAX_RUNS
+        return cls(_Rows.of(dst, device), _Rows.of(src, device), tuple(segments) if fits else None)
+
+    def add(self, dst: Tensor, src: Tensor) -> None:
+        if self.segments is not None:
+            for d, s, n in self.segments:
+                dst[d : d + n].add_(src[s : s + n])
         else:
-            dst.index_add_(0, self.index, values)
+            self.dst.add(dst, self.src.take(src))
+
+    def copy(self, dst: Tensor, src: Tensor) -> None:
+        if self.segments is not None:
+            for d, s, n in self.segments:
+                dst[d : d + n].copy_(src[s : s + n])
+        else:
+            self.dst.put(dst, self.src.take(src))
 
 
 @dataclass(frozen=True)
 class _DeviceIndex:
+    """The index on a device, with rows of ``L`` translated to rows of the *base*: the
+    gradient itself (rows = local slots) when every replicated expert has one local slot,
+    else the ``(K, D)`` local sums."""
+
     local_slots: _Rows  # (Q,)
     local_rows: _Rows  # (Q,) row in the (K, D) local sums
-    slot_of_k: _Rows  # (K,) local slot of each row of K (when every expert has one local slot)
-    send: tuple[_Rows, ...]  # per peer: rows of K sent
-    adds: tuple[tuple[_Rows, _Rows], ...]  # rounds: (dst rows of K, src rows of the received buffer)
-    pre_rows: _Rows  # (B,) rows of K whose own holder position is >= 2
+    send: tuple[_Rows, ...]  # per peer: base rows sent
+    recv_sizes: tuple[list[int], ...]  # per peer: the sizes of its messages
+    adds: tuple[_Pair, ...]  # rounds: base rows += received rows
+    pre_rows: _Rows  # (B,) base rows whose own holder position is >= 2
     pre_first: _Rows  # (B,) received row of their lowest holder
-    pre_adds: tuple[tuple[_Rows, _Rows], ...]  # rounds: (rows of the (B, D) prefix, received rows)
-    ar_rows: _Rows  # (K_ar,) rows in K of the experts synced by all-reduce
-    ar_pos: _Rows  # (K_ar,) their rows in the (X, D) all-reduce buffer
+    pre_adds: tuple[_Pair, ...]  # rounds: (B, D) prefix rows += received rows
+    ar_in: _Pair  # all-reduce buffer rows = base rows
+    ar_out: _Pair  # base rows = all-reduce buffer rows
 
 
 @dataclass
@@ -109,6 +193,11 @@ class ReplicaIndex:
             ``(rows of the prefix, received rows)`` summing the holders before this one.
         ar_rows: ``(K_ar,)`` rows of L synced by all-reduce; ``ar_pos``: ``(K_ar,)`` their
             rows in the all-reduce buffer.
+        base_rows: ``(K,)`` where each row of L lives during the sync: its local slot in
+            the gradient itself when every replicated expert of this rank has one local
+            slot (the usual case: no copies), else its row in a ``(K, D)`` buffer of sums.
+        recv_sizes: per peer, the sizes of the messages it sends (one per run of its base
+            rows, or one packed message; see ``_message_sizes``).
         num_replicated: experts with more than one replica (identical on every rank).
         num_all_reduce: ``X`` experts synced by all-reduce (identical on every rank).
         max_p2p_holders: experts with at most this many holder ranks go point-to-point.
@@ -136,6 +225,8 @@ class ReplicaIndex:
     pre_adds: list[tuple[Tensor, Tensor]]
     ar_rows: Tensor
     ar_pos: Tensor
+    base_rows: Tensor
+    recv_sizes: list[list[int]]
     num_replicated: int
     num_all_reduce: int
     max_p2p_holders: int
@@ -195,13 +286,23 @@ class ReplicaIndex:
         all_reduced = [e for e in replicated if len(holders[e]) > t]
         ar_index = {e: i for i, e in enumerate(all_reduced)}
 
+        def base(r: int) -> dict[int, int]:
+            """Rank r's base row of each of its replicated experts: the local slot when each
+            sits in one local slot there, else the row of its local sums."""
+            on_r = [e for e in p2l[r * num_slots : (r + 1) * num_slots] if e in is_rep]
+            if len(on_r) == len(set(on_r)):
+                return {e: s for s, e in enumerate(p2l[r * num_slots : (r + 1) * num_slots]) if e in is_rep}
+            return {e: k for k, e in enumerate(sorted(set(on_r)))}
+
         mine = [e for e in replicated if rank in holders[e]]
         krow = {e: k for k, e in enumerate(mine)}
+        my_base = base(rank)
         local = [
             (s, krow[e]) for s, e in enumerate(p2l[rank * num_slots : (rank + 1) * num_slots]) if e in krow
         ]
         p2p = [e for e in mine if 1 < len(holders[e]) <= t]
         peers: list[tuple[int, list[int]]] = []
+        recv_sizes: list[list[int]] = []
         position: dict[tuple[int, int], int] = {}  # (peer, expert) -> row of the received buffer
         num_recv = 0
         for q in range(num_ranks):
@@ -211,6 +312,8 @@ class ReplicaIndex:
                     position[q, e] = num_recv + i
                 num_recv += len(shared)
                 peers.append((q, [krow[e] for e in shared]))
+                theirs = base(q)
+                recv_sizes.append(_message_sizes([theirs[e] for e in shared]))
         # Canonical sum ((h0 + h1) + h2) + ... over the holders in rank order, computed in
         # place on the local sums L: exact because a + b == b + a in floating point. An
         # expert whose own position o is 0 or 1 adds the other of the first two holders to L;
@@ -258,6 +361,8 @@ class ReplicaIndex:
             pre_adds=[(i64(b), i64(z)) for b, z in pre_rounds],
             ar_rows=i64([krow[e] for e in mine_ar]),
             ar_pos=i64([ar_index[e] for e in mine_ar]),
+            base_rows=i64([my_base[e] for e in mine]),
+            recv_sizes=recv_sizes,
             num_replicated=len(replicated),
             num_all_reduce=len(all_reduced),
             max_p2p_holders=t,
@@ -271,23 +376,25 @@ class ReplicaIndex:
         return len(self.local_slots) == self.num_local
 
     def on(self, device: torch.device) -> _DeviceIndex:
-        """The index tensors on ``device``, copied once per placement."""
+        """The index tensors on ``device`` (rows of L translated to base rows), copied once
+        per placement."""
         if device not in self._on_device:
-            slot_of_k = torch.zeros(0, dtype=torch.int64)  # only used with one slot each
-            if self.one_slot_each:
-                slot_of_k = torch.empty(self.num_local, dtype=torch.int64)
-                slot_of_k[self.local_rows] = self.local_slots
+            base = self.base_rows
+
+            def rows(k: Tensor) -> _Rows:
+                return _Rows.of(base[k], device)
+
             self._on_device[device] = _DeviceIndex(
                 local_slots=_Rows.of(self.local_slots, device),
                 local_rows=_Rows.of(self.local_rows, device),
-                slot_of_k=_Rows.of(slot_of_k, device),
-                send=tuple(_Rows.of(rows, device) for _, rows in self.peers),
-                adds=tuple((_Rows.of(d, device), _Rows.of(s, device)) for d, s in self.adds),
-                pre_rows=_Rows.of(self.pre_rows, device),
+                send=tuple(rows(k) for _, k in self.peers),
+                recv_sizes=tuple(self.recv_sizes),
+                adds=tuple(_Pair.of(base[d], s, device) for d, s in self.adds),
+                pre_rows=rows(self.pre_rows),
                 pre_first=_Rows.of(self.pre_first, device),
-                pre_adds=tuple((_Rows.of(b, device), _Rows.of(z, device)) for b, z in self.pre_adds),
-                ar_rows=_Rows.of(self.ar_rows, device),
-                ar_pos=_Rows.of(self.ar_pos, device),
+                pre_adds=tuple(_Pair.of(b, z, device) for b, z in self.pre_adds),
+                ar_in=_Pair.of(self.ar_pos, base[self.ar_rows], device),
+                ar_out=_Pair.of(base[self.ar_rows], self.ar_pos, device),
             )
         return self._on_device[device]
 
@@ -378,34 +485,36 @@ def start_sync(
 
 
 def _start_exchange(pending: PendingSync, index: ReplicaIndex, group: dist.ProcessGroup | None) -> None:
-    """Gather the local sums of :func:`start_sync` and post their exchange."""
+    """Post the exchange of :func:`start_sync`: from the gradient itself when every
+    replicated expert has one local slot here (messages are views of its rows), else from
+    the ``(K, D)`` local sums gathered first."""
     dev = index.on(pending.grads[0].device)
     # P2POp takes the peer's global rank (group_peer= needs torch >= 2.6)
     peers = [dist.get_global_rank(group, q) if group is not None else q for q, _ in index.peers]
-    local, recv = pending.local, pending.recv
     ops = []
     for g in pending.grads:
         flat_SD = g.view(g.shape[0], -1)
         if index.one_slot_each:
-            # a view of the gradient when the slots are a run: then summed in place, no copy
-            local_KD = dev.slot_of_k.take(flat_SD)
+            base = flat_SD  # summed in place: no copy
         else:
-            local_KD = flat_SD.new_zeros(index.num_local, flat_SD.shape[1])
-            local_KD.index_add_(0, dev.local_rows.index, dev.local_slots.take(flat_SD))
-        local.append(local_KD)
+            base = flat_SD.new_zeros(index.num_local, flat_SD.shape[1])
+            base.index_add_(0, dev.local_rows.index, dev.local_slots.take(flat_SD))
+        pending.local.append(base)
         recv_VD = flat_SD.new_empty(index.num_recv, flat_SD.shape[1])
-        recv.append(recv_VD)
+        pending.recv.append(recv_VD)
         start = 0
-        for peer, rows in zip(peers, dev.send, strict=True):
-            ops.append(dist.P2POp(dist.isend, rows.take(local_KD).contiguous(), peer, group))
-            ops.append(dist.P2POp(dist.irecv, recv_VD[start : start + len(rows)], peer, group))
-            start += len(rows)
+        for peer, rows, sizes in zip(peers, dev.send, dev.recv_sizes, strict=True):
+            for part in rows.parts(base):
+                ops.append(dist.P2POp(dist.isend, part.contiguous(), peer, group))
+            for n in sizes:
+                ops.append(dist.P2POp(dist.irecv, recv_VD[start : start + n], peer, group))
+                start += n
     if ops:
         pending.works.extend(dist.batch_isend_irecv(ops))
     if index.num_all_reduce:
-        for local_KD in local:
-            buf_XD = local_KD.new_zeros(index.num_all_reduce, local_KD.shape[1])
-            dev.ar_pos.put(buf_XD, dev.ar_rows.take(local_KD))
+        for base in pending.local:
+            buf_XD = base.new_zeros(index.num_all_reduce, base.shape[1])
+            dev.ar_in.copy(buf_XD, base)
             pending.ar_bufs.append(buf_XD)
             pending.works.append(dist.all_reduce(buf_XD, group=group, async_op=True))
 
@@ -463,23 +572,19 @@ def _wait_and_sum(pending: PendingSync, index: ReplicaIndex) -> None:
     if not pending.local:
         return
     dev = index.on(pending.grads[0].device)
-    for i, (g, local_KD) in enumerate(zip(pending.grads, pending.local, strict=True)):
+    for i, (g, base) in enumerate(zip(pending.grads, pending.local, strict=True)):
         recv_VD = pending.recv[i]
         if len(dev.pre_rows):
             pre_BD = dev.pre_first.take(recv_VD).clone()
-            for rows, src in dev.pre_adds:
-                rows.add(pre_BD, src.take(recv_VD))
-            dev.pre_rows.add(local_KD, pre_BD)
-        for dst, src in dev.adds:  # round after round, the same order on every holder
-            dst.add(local_KD, src.take(recv_VD))
+            for pair in dev.pre_adds:
+                pair.add(pre_BD, recv_VD)
+            dev.pre_rows.add(base, pre_BD)
+        for pair in dev.adds:  # round after round, the same order on every holder
+            pair.add(base, recv_VD)
         if pending.ar_bufs:
-            dev.ar_rows.put(local_KD, dev.ar_pos.take(pending.ar_bufs[i]))
-        flat_SD = g.view(g.shape[0], -1)
-        if index.one_slot_each:
-            if dev.slot_of_k.start is None:  # else local_KD is a view of the gradient
-                dev.slot_of_k.put(flat_SD, local_KD)
-        else:
-            dev.local_slots.put(flat_SD, dev.local_rows.take(local_KD))
+            dev.ar_out.copy(base, pending.ar_bufs[i])
+        if not index.one_slot_each:  # else the base is the gradient
+            dev.local_slots.put(g.view(g.shape[0], -1), dev.local_rows.take(base))
 
 
 def sync_replica_grads_(

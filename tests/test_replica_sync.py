@@ -3,16 +3,20 @@
 The distributed checks run every case in one gloo worker per world size (2 and 4 ranks):
 after ``sync_replica_grads_`` every slot's gradient equals the float64 sum over all replicas
 of its logical expert (everything gathered), replicas are bit-identical
-across ranks, and the result matches the former all-reduce-only path within 1e-12.
+across ranks, and the result matches the former all-reduce-only path within 1e-12; with
+rows handled as slices (runs), as gathered copies, and mixed.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import pytest
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_eplb import _replica_sync
 from lightning_eplb._replica_sync import ReplicaIndex, sync_replica_grads_
 from tests._dist import spawn
 from tests.test_moe import random_placement
@@ -47,6 +51,14 @@ def _cases(n: int) -> list[tuple[str, Tensor, int]]:
         rows += [0, 1, fresh] if r < 3 else [0, fresh, fresh + 1]
         fresh += 1 if r < 3 else 2
     cases.append(("on every rank", torch.tensor(rows), fresh))
+    # 12 experts on every rank at every other slot, in rank-dependent orders: more runs than
+    # MAX_RUNS (packed messages, gathered adds) and pairs that do not run together
+    rows, fresh = [], 12
+    for r in range(n):
+        for e in [(5 * i + r) % 12 for i in range(12)]:
+            rows += [e, fresh]
+            fresh += 1
+    cases.append(("many runs", torch.tensor(rows), fresh))
     for seed in range(3):
         pl = random_placement(n + 2, 4 * n, n, seed)  # many replicas: up to N holders
         cases.append((f"random {seed}", pl.physical_to_logical[0], n + 2))
@@ -96,13 +108,14 @@ def _run_sync(rank: int, n: int) -> None:
             want = torch.zeros(num_logical, full_before.shape[1], dtype=torch.float64)
             want = want.index_add_(0, p2l, full_before)[p2l]
             old = _flat(_old_sync(before, p2l, counts, rank, n)) if dtype == torch.float64 else None
-            for max_holders in (None, *sorted({1, 2, n})):
+            for max_holders, max_runs in itertools.product((None, *sorted({1, 2, n})), (0, 1, 8)):
+                _replica_sync.MAX_RUNS = max_runs  # 0: always gathered copies; 8: the default
                 params = [torch.nn.Parameter(torch.zeros_like(b)) for b in before]
                 for p, b in zip(params, before, strict=True):
                     p.grad = b.clone()
                 index = ReplicaIndex.build(p2l, counts, rank, slots, max_p2p_holders=max_holders)
                 sync_replica_grads_(params, index, None)
-                where = f"{name}, {dtype}, max_p2p_holders={max_holders}, rank {rank}"
+                where = f"{name}, {dtype}, max_p2p_holders={max_holders}, MAX_RUNS={max_runs}, rank {rank}"
                 synced = [p.grad for p in params if p.grad is not None]
                 assert len(synced) == 3 and all(g.is_contiguous() for g in synced)
                 after = _flat(synced)
