@@ -2,8 +2,7 @@
 
 Without overlap every layer's replica gradients are exchanged after the whole backward, on
 the critical path. Here each layer's exchange starts as soon as the backward has produced
-its expert gradients (``register_post_accumulate_grad_hook``; per tensor for layers that
-support it, so ``w2``'s exchange runs during the ``w1``/``w3`` GEMMs), on a process group of its
+all its expert gradients (``register_post_accumulate_grad_hook``), on a process group of its
 own (its own NCCL communicator and stream), so it runs while the backward of the layers
 below it computes; :meth:`ReplicaSyncOverlap.finish` completes them all right after the
 backward (``on_after_backward``), before anything else reads or changes the gradients.
@@ -14,8 +13,8 @@ measured slower on 4 H200s: the exchange then competes with the GEMMs instead.)
 Collectives must be issued in the same order on every rank. Hooks fire in backward order,
 which is the same on every rank for the same graph, but to be safe against a graph that
 differs between ranks the exchanges are *launched* in one fixed order (the reverse of the
-layers' module order, and within a layer the reverse of its tensors): a unit whose gradients
-are ready waits until the units before it in that order have launched; whatever has not launched when the backward ends launches then,
+layers' module order): a layer whose gradients are ready waits until the layers before it in
+that order have launched; whatever has not launched when the backward ends launches then,
 in order. Only layers that ran exactly one forward since the last backward are armed (a
 layer called twice would accumulate into its gradients after its exchange had started).
 """
@@ -102,57 +101,47 @@ class ReplicaSyncOverlap:
         self.group = group
         self.copies_group = copies_group
         self.armed: list[bool] = [False] * len(self.order)
-        # units launched in this fixed order: (layer, expert tensors or None for all); a
-        # layer with replica_sync_per_tensor gets one per tensor, last tensor first (w2
-        # before w3 and w1, the order the backward produces their gradients)
-        self.units: list[tuple[int, list[int] | None]] = []
+        self.launched = 0
+        self._counts = [0] * len(self.order)
+        self._needed = [len(layer.expert_tensors()) for layer in self.order]
+        self._ready = [False] * len(self.order)
         self._handles = []
         for i, layer in enumerate(self.order):
-            params = layer.expert_tensors()
-            per_tensor = getattr(layer, "replica_sync_per_tensor", False)
-            for j in reversed(range(len(params))) if per_tensor else [None]:
-                unit = len(self.units)
-                self.units.append((i, None if j is None else [j]))
-                for p in params if j is None else [params[j]]:
-                    self._handles.append(
-                        p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, unit))
-                    )
-        self._needed = [len(self.order[i].expert_tensors()) if t is None else len(t) for i, t in self.units]
-        self._counts = [0] * len(self.units)
-        self._ready = [False] * len(self.units)
-        self.launched = 0
+            for p in layer.expert_tensors():
+                self._handles.append(
+                    p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, i))
+                )
 
     def arm(self) -> None:
         """Before a backward that ends in an optimizer step: start syncs from hooks."""
         self.launched = 0
         for i, layer in enumerate(self.order):
             self.armed[i] = int(layer.forward_calls) == 1
-        self._counts = [0] * len(self.units)
-        self._ready = [False] * len(self.units)
+            self._counts[i] = 0
+            self._ready[i] = False
 
     @property
     def is_armed(self) -> bool:
         return any(self.armed)
 
-    def _on_grad(self, unit: int, param: torch.Tensor) -> None:
-        if not self.armed[self.units[unit][0]] or self._ready[unit]:
+    def _on_grad(self, i: int, param: torch.Tensor) -> None:
+        if not self.armed[i] or self._ready[i]:
             return
-        self._counts[unit] += 1
-        if self._counts[unit] == self._needed[unit]:
-            self._ready[unit] = True
+        self._counts[i] += 1
+        if self._counts[i] == self._needed[i]:
+            self._ready[i] = True
             self._launch(until_blocked=True)
 
     def _launch(self, until_blocked: bool) -> None:
-        while self.launched < len(self.units):
-            i, tensors = self.units[self.launched]
+        while self.launched < len(self.order):
+            i = self.launched
             if self.armed[i]:
-                if until_blocked and not self._ready[self.launched]:
+                if until_blocked and not self._ready[i]:
                     return
-                args = (self.group,) if self.copies_group is None else (self.group, self.copies_group)
-                if tensors is None:  # a layer's own method may take the group only
-                    self.order[i].start_replica_grad_sync(*args)
+                if self.copies_group is None:  # a layer's own method may take the group only
+                    self.order[i].start_replica_grad_sync(self.group)
                 else:
-                    self.order[i].start_replica_grad_sync(*args, tensors=tensors)
+                    self.order[i].start_replica_grad_sync(self.group, self.copies_group)
             self.launched += 1
 
     def finish(self) -> set[int]:

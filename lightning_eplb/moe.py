@@ -118,7 +118,6 @@ class ExpertParallelMoE(nn.Module):
     logical_to_physical: Tensor
     logical_replica_count: Tensor
     expert_load: Tensor
-    replica_sync_per_tensor = True  # start_replica_grad_sync takes ``tensors``
 
     def __init__(
         self,
@@ -185,7 +184,7 @@ class ExpertParallelMoE(nn.Module):
 
         self._ep_group: dist.ProcessGroup | None = None
         self._ep_size, self._ep_rank, self._is_setup = 1, 0, False
-        self._pending_syncs: dict[int, PendingSync] = {}  # expert tensor -> its started sync
+        self._pending_sync: PendingSync | None = None
         self.forward_calls = 0
         """Training forwards with autograd since the callback last reset it (host counter)."""
         self._refresh_replica_index()
@@ -313,20 +312,13 @@ class ExpertParallelMoE(nn.Module):
         Every rank of the EP group must call it once per optimizer step, after backward and
         before gradient clipping and ``optimizer.step()``. Missing gradients become zeros.
         """
-        params = self.expert_tensors()
-        started, self._pending_syncs = self._pending_syncs, {}
-        rest = [j for j in range(len(params)) if j not in started]
-        pendings = list({id(p): p for p in started.values()}.values())
-        if rest:
-            pendings.append(start_sync([params[j] for j in rest], self._replicas, self._ep_group))
-        for pending in pendings:
-            finish_sync(pending, self._replicas)
+        pending, self._pending_sync = self._pending_sync, None
+        if pending is None:
+            pending = start_sync(self.expert_tensors(), self._replicas, self._ep_group)
+        finish_sync(pending, self._replicas)
 
     def start_replica_grad_sync(
-        self,
-        process_group: dist.ProcessGroup | None = None,
-        copies_group: dist.ProcessGroup | None = None,
-        tensors: Sequence[int] | None = None,
+        self, process_group: dist.ProcessGroup | None = None, copies_group: dist.ProcessGroup | None = None
     ) -> None:
         """Start the exchange of :meth:`sync_replica_grads` and return without waiting; the
         next :meth:`sync_replica_grads` completes it. Lets the exchange run during the rest
@@ -344,19 +336,12 @@ class ExpertParallelMoE(nn.Module):
             copies_group: with expert parallelism inside data parallelism, the ranks holding
                 copies of this rank's slots: the synced gradients are then also averaged
                 over it (started behind the sums; the callback passes its DP group).
-            tensors: positions in :meth:`expert_tensors` to start (None: all not started
-                yet): the callback starts each tensor as soon as its gradient exists, ``w2``
-                first (``replica_sync_per_tensor``).
         """
-        params = self.expert_tensors()
-        which = [j for j in (range(len(params)) if tensors is None else tensors) if j not in self._pending_syncs]
-        if which:
+        if self._pending_sync is None:
             group = process_group if process_group is not None else self._ep_group
-            pending = start_sync(
-                [params[j] for j in which], self._replicas, group, finish_early=True, copies_group=copies_group
+            self._pending_sync = start_sync(
+                self.expert_tensors(), self._replicas, group, finish_early=True, copies_group=copies_group
             )
-            for j in which:
-                self._pending_syncs[j] = pending
 
     def reset_expert_load(self) -> None:
         """Zero ``expert_load`` in place."""
