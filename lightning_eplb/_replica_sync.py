@@ -36,120 +36,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_eplb._dispatch import wide_rows
+from lightning_eplb._rows import Pair, Rows, message_sizes
 from lightning_eplb.placement import on_host
-
-
-MAX_RUNS = 8  # row sets of at most this many runs are handled as slices (no copies)
-
-
-def _runs(values: list[int]) -> list[tuple[int, int]]:
-    """``(start, length)`` of the maximal runs ``v, v + 1, ...`` of ``values``."""
-    runs: list[tuple[int, int]] = []
-    for v in values:
-        if runs and runs[-1][0] + runs[-1][1] == v:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((v, 1))
-    return runs
-
-
-def _message_sizes(rows: list[int]) -> list[int]:
-    """How the rows sent to one peer are split into messages: one per run (sent straight
-    from the gradient, no copy) when there are at most ``MAX_RUNS``, else one packed copy.
-    Sender and receiver compute it from the same rows."""
-    runs = _runs(rows)
-    return [n for _, n in runs] if len(runs) <= MAX_RUNS else [len(rows)]
-
-
-@dataclass(frozen=True)
-class _Rows:
-    """Row indices on a device, plus their runs when there are at most ``MAX_RUNS``: the
-    rows are then handled as slices (views for sends, in-place adds, no gathered copies)."""
-
-    index: Tensor
-    runs: tuple[tuple[int, int], ...] | None
-
-    @classmethod
-    def of(cls, rows: Tensor, device: torch.device) -> _Rows:
-        runs = _runs(rows.tolist())
-        return cls(rows.to(device, non_blocking=True), tuple(runs) if len(runs) <= MAX_RUNS else None)
-
-    def __len__(self) -> int:
-        return int(self.index.numel())
-
-    def _slices(self) -> list[tuple[int, slice]]:
-        """(position in the rows, slice of the indexed tensor) per run."""
-        assert self.runs is not None
-        out, pos = [], 0
-        for start, n in self.runs:
-            out.append((pos, slice(start, start + n)))
-            pos += n
-        return out
-
-    def parts(self, src: Tensor) -> list[Tensor]:
-        """``src[rows]`` as the messages of :func:`_message_sizes`: views, or one copy."""
-        if self.runs is not None:
-            return [src[rows] for _, rows in self._slices()]
-        return [self.take(src)]
-
-    def take(self, src: Tensor) -> Tensor:
-        """``src[rows]``: a view for one run, else a gathered copy."""
-        if self.runs is not None and len(self.runs) == 1:
-            return src[self._slices()[0][1]]
-        return wide_rows(src).index_select(0, self.index).view(src.dtype)
-
-    def put(self, dst: Tensor, values: Tensor) -> None:
-        """``dst[rows] = values``."""
-        if self.runs is not None:
-            for pos, rows in self._slices():
-                dst[rows].copy_(values[pos : pos + rows.stop - rows.start])
-        else:
-            wide_rows(dst).index_copy_(0, self.index, wide_rows(values.contiguous()))
-
-    def add(self, dst: Tensor, values: Tensor) -> None:
-        """``dst[rows] += values`` (rows are unique: one rounding per element, as ``a + b``)."""
-        if self.runs is not None:
-            for pos, rows in self._slices():
-                dst[rows].add_(values[pos : pos + rows.stop - rows.start])
-        else:  # gather, add, write back: no atomic adds
-            self.put(dst, self.take(dst) + values)
-
-
-@dataclass(frozen=True)
-class _Pair:
-    """``dst[dst_rows] op= src[src_rows]`` row for row; by slices where both sides run
-    together in at most ``MAX_RUNS`` pieces, else through a gathered copy of the source."""
-
-    dst: _Rows
-    src: _Rows
-    segments: tuple[tuple[int, int, int], ...] | None  # (dst start, src start, length)
-
-    @classmethod
-    def of(cls, dst: Tensor, src: Tensor, device: torch.device) -> _Pair:
-        pairs = list(zip(dst.tolist(), src.tolist(), strict=True))
-        segments: list[tuple[int, int, int]] = []
-        for d, s in pairs:
-            if segments and segments[-1][0] + segments[-1][2] == d and segments[-1][1] + segments[-1][2] == s:
-                segments[-1] = (segments[-1][0], segments[-1][1], segments[-1][2] + 1)
-            else:
-                segments.append((d, s, 1))
-        fits = len(segments) <= MAX_RUNS
-        return cls(_Rows.of(dst, device), _Rows.of(src, device), tuple(segments) if fits else None)
-
-    def add(self, dst: Tensor, src: Tensor) -> None:
-        if self.segments is not None:
-            for d, s, n in self.segments:
-                dst[d : d + n].add_(src[s : s + n])
-        else:
-            self.dst.add(dst, self.src.take(src))
-
-    def copy(self, dst: Tensor, src: Tensor) -> None:
-        if self.segments is not None:
-            for d, s, n in self.segments:
-                dst[d : d + n].copy_(src[s : s + n])
-        else:
-            self.dst.put(dst, self.src.take(src))
 
 
 @dataclass(frozen=True)
@@ -158,16 +46,16 @@ class _DeviceIndex:
     gradient itself (rows = local slots) when every replicated expert has one local slot,
     else the ``(K, D)`` local sums."""
 
-    local_slots: _Rows  # (Q,)
-    local_rows: _Rows  # (Q,) row in the (K, D) local sums
-    send: tuple[_Rows, ...]  # per peer: base rows sent
+    local_slots: Rows  # (Q,)
+    local_rows: Rows  # (Q,) row in the (K, D) local sums
+    send: tuple[Rows, ...]  # per peer: base rows sent
     recv_sizes: tuple[list[int], ...]  # per peer: the sizes of its messages
-    adds: tuple[_Pair, ...]  # rounds: base rows += received rows
-    pre_rows: _Rows  # (B,) base rows whose own holder position is >= 2
-    pre_first: _Rows  # (B,) received row of their lowest holder
-    pre_adds: tuple[_Pair, ...]  # rounds: (B, D) prefix rows += received rows
-    ar_in: _Pair  # all-reduce buffer rows = base rows
-    ar_out: _Pair  # base rows = all-reduce buffer rows
+    adds: tuple[Pair, ...]  # rounds: base rows += received rows
+    pre_rows: Rows  # (B,) base rows whose own holder position is >= 2
+    pre_first: Rows  # (B,) received row of their lowest holder
+    pre_adds: tuple[Pair, ...]  # rounds: (B, D) prefix rows += received rows
+    ar_in: Pair  # all-reduce buffer rows = base rows
+    ar_out: Pair  # base rows = all-reduce buffer rows
 
 
 @dataclass
@@ -197,7 +85,7 @@ class ReplicaIndex:
             the gradient itself when every replicated expert of this rank has one local
             slot (the usual case: no copies), else its row in a ``(K, D)`` buffer of sums.
         recv_sizes: per peer, the sizes of the messages it sends (one per run of its base
-            rows, or one packed message; see ``_message_sizes``).
+            rows, or one packed message; see ``_rows.message_sizes``).
         num_replicated: experts with more than one replica (identical on every rank).
         num_all_reduce: ``X`` experts synced by all-reduce (identical on every rank).
         max_p2p_holders: experts with at most this many holder ranks go point-to-point.
@@ -313,7 +201,7 @@ class ReplicaIndex:
                 num_recv += len(shared)
                 peers.append((q, [krow[e] for e in shared]))
                 theirs = base(q)
-                recv_sizes.append(_message_sizes([theirs[e] for e in shared]))
+                recv_sizes.append(message_sizes([theirs[e] for e in shared]))
         # Canonical sum ((h0 + h1) + h2) + ... over the holders in rank order, computed in
         # place on the local sums L: exact because a + b == b + a in floating point. An
         # expert whose own position o is 0 or 1 adds the other of the first two holders to L;
@@ -381,20 +269,20 @@ class ReplicaIndex:
         if device not in self._on_device:
             base = self.base_rows
 
-            def rows(k: Tensor) -> _Rows:
-                return _Rows.of(base[k], device)
+            def rows(k: Tensor) -> Rows:
+                return Rows.of(base[k], device)
 
             self._on_device[device] = _DeviceIndex(
-                local_slots=_Rows.of(self.local_slots, device),
-                local_rows=_Rows.of(self.local_rows, device),
+                local_slots=Rows.of(self.local_slots, device),
+                local_rows=Rows.of(self.local_rows, device),
                 send=tuple(rows(k) for _, k in self.peers),
                 recv_sizes=tuple(self.recv_sizes),
-                adds=tuple(_Pair.of(base[d], s, device) for d, s in self.adds),
+                adds=tuple(Pair.of(base[d], s, device) for d, s in self.adds),
                 pre_rows=rows(self.pre_rows),
-                pre_first=_Rows.of(self.pre_first, device),
-                pre_adds=tuple(_Pair.of(b, z, device) for b, z in self.pre_adds),
-                ar_in=_Pair.of(self.ar_pos, base[self.ar_rows], device),
-                ar_out=_Pair.of(base[self.ar_rows], self.ar_pos, device),
+                pre_first=Rows.of(self.pre_first, device),
+                pre_adds=tuple(Pair.of(b, z, device) for b, z in self.pre_adds),
+                ar_in=Pair.of(self.ar_pos, base[self.ar_rows], device),
+                ar_out=Pair.of(base[self.ar_rows], self.ar_pos, device),
             )
         return self._on_device[device]
 

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_eplb import _replica_sync
+from lightning_eplb import _rows
 from lightning_eplb._replica_sync import ReplicaIndex, sync_replica_grads_
 from tests._dist import spawn
 from tests.test_moe import random_placement
@@ -109,7 +109,7 @@ def _run_sync(rank: int, n: int) -> None:
             want = want.index_add_(0, p2l, full_before)[p2l]
             old = _flat(_old_sync(before, p2l, counts, rank, n)) if dtype == torch.float64 else None
             for max_holders, max_runs in itertools.product((None, *sorted({1, 2, n})), (0, 1, 8)):
-                _replica_sync.MAX_RUNS = max_runs  # 0: always gathered copies; 8: the default
+                _rows.MAX_RUNS = max_runs  # 0: always gathered copies; 8: the default
                 params = [torch.nn.Parameter(torch.zeros_like(b)) for b in before]
                 for p, b in zip(params, before, strict=True):
                     p.grad = b.clone()
