@@ -112,15 +112,17 @@ class Pair:
         return cls(Rows.of(dst, device), Rows.of(src, device), tuple(segments) if fits else None)
 
     def add(self, dst: Tensor, src: Tensor) -> None:
-        if self.segments is not None:
-            for d, s, n in self.segments:
-                dst[d : d + n].add_(src[s : s + n])
-        else:
-            self.dst.add(dst, self.src.take(src))
+        """``dst[dst_rows] += src[src_rows]``."""
+        self._apply(dst, src, add=True)
 
     def copy(self, dst: Tensor, src: Tensor) -> None:
-        if self.segments is not None:
-            for d, s, n in self.segments:
-                dst[d : d + n].copy_(src[s : s + n])
-        else:
-            self.dst.put(dst, self.src.take(src))
+        """``dst[dst_rows] = src[src_rows]``."""
+        self._apply(dst, src, add=False)
+
+    def _apply(self, dst: Tensor, src: Tensor, add: bool) -> None:
+        if self.segments is None:
+            (self.dst.add if add else self.dst.put)(dst, self.src.take(src))
+            return
+        for d, s, n in self.segments:
+            part = dst[d : d + n]
+            part.add_(src[s : s + n]) if add else part.copy_(src[s : s + n])
