@@ -5,7 +5,7 @@ Shapes (suffixes used in names below):
     H: hidden size                F: expert FFN size
     E: logical experts            P: physical slots = E + redundant
     N: expert-parallel ranks      S = P // N local slots      M = P - E + 1
-    R: token copies received by this rank
+    R: token copies received by this rank      B = N * S blocks (source rank, local slot)
 
 Forward on ``N > 1`` ranks: route (top-k logical experts per token), pick one replica of
 each choice (round-robin over the expert's replicas in the order of the copies, see
