@@ -17,13 +17,15 @@ Sections:
 4. Step time (forward+backward+``sync_replica_grads``) with 0, 25% and 50% extra slots at
    equal tokens, per expert backend (goal: under 3% apart for the default backend); also
    without the sync, and with the sync forced to the former single all-reduce, to separate
-   the terms; and the bytes each rank sends in the sync.
+   the terms; and the bytes each rank sends in the sync. The three P are timed in turn in
+   each of ``--rounds`` rounds; the table gives medians and the ratios of each round.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 import warnings
 from collections.abc import Callable
@@ -65,6 +67,13 @@ def parse_args() -> argparse.Namespace:
         "--stack", type=int, default=4, help="section 4: layers of the stacked rows (0: none)"
     )
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="section 4: rounds over P = E, +25%%, +50%% (the three timed in turn in each round; "
+        "medians and per-round ratios reported)",
+    )
+    parser.add_argument(
         "--accumulate",
         type=int,
         default=1,
@@ -79,7 +88,7 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.small:
         args.hidden, args.ffn, args.experts, args.top_k, args.tokens = 64, 96, 8, 2, 256
-        args.iters, args.warmup = 3, 1
+        args.iters, args.warmup, args.rounds = 3, 1, 2
     return args
 
 
@@ -284,7 +293,12 @@ def timed(step: Callable[[], None], device: torch.device, warmup: int, iters: in
 
 
 def step_time(
-    layer: ExpertParallelMoE, device: torch.device, dtype: torch.dtype, with_sync: bool = True
+    layer: ExpertParallelMoE,
+    device: torch.device,
+    dtype: torch.dtype,
+    with_sync: bool = True,
+    warmup: int | None = None,
+    iters: int | None = None,
 ) -> float:
     """Mean seconds of forward+backward(+sync_replica_grads if ``with_sync``), max over ranks."""
     gen = torch.Generator().manual_seed(3 + dist.get_rank())
@@ -300,7 +314,27 @@ def step_time(
             layer.sync_replica_grads()
         layer.reset_expert_load()
 
-    return timed(step, device, ARGS.warmup, ARGS.iters)
+    return timed(step, device, ARGS.warmup if warmup is None else warmup, ARGS.iters if iters is None else iters)
+
+
+_GROUPS: dict[str, dist.ProcessGroup] = {}
+
+
+def by_rounds(times: list[list[float]]) -> tuple[list[float], list[list[float]]]:
+    """Median time per P over rounds, and every round's ratios to the first P (ratios taken
+    within a round, so slow drift of the machine cancels)."""
+    ratios = [[t / ts[0] - 1 for t in ts[1:]] for ts in zip(*times, strict=True)]
+    return [statistics.median(ts) for ts in times], [list(r) for r in zip(*ratios, strict=True)]
+
+
+def row(label: str, times: list[list[float]]) -> str:
+    """A table row: median ms per P, then the median ratio (and its range over rounds)."""
+    medians, ratios = by_rounds(times)
+    cells = [f"{t * 1e3:.2f}" for t in medians]
+    for r in ratios:
+        spread = f" ({min(r):+.1%}..{max(r):+.1%})" if len(r) > 1 else ""
+        cells.append(f"{statistics.median(r):+.1%}{spread}")
+    return f"| {label} | " + " | ".join(cells) + " |"
 
 
 def stack_time(
@@ -321,7 +355,7 @@ def stack_time(
     gy = torch.randn(ARGS.tokens, ARGS.hidden, generator=gen).to(device, dtype)
     overlap = mode != "after"
     group = None
-    if overlap:
+    if overlap and mode not in _GROUPS:  # one group per mode, reused over rounds
         options = None
         if ":" in mode and device.type == "cuda":
             options = dist.ProcessGroupNCCL.Options()
@@ -329,8 +363,9 @@ def stack_time(
                 options.is_high_priority_stream = True
             else:
                 options.config.max_ctas = int(mode.split(":")[1])
-        group = dist.new_group(ranks=list(range(dist.get_world_size())), pg_options=options)
-        warm_up(group)
+        _GROUPS[mode] = dist.new_group(ranks=list(range(dist.get_world_size())), pg_options=options)
+        warm_up(_GROUPS[mode])
+    group = _GROUPS.get(mode)
     scheduler = ReplicaSyncOverlap(layers, group) if overlap else None
 
     def step() -> None:
@@ -429,7 +464,8 @@ def main() -> None:
         "",
         f"## 4. step time with extra slots at equal tokens per rank ({n} GPUs; rank r holds its E/N experts "
         "and R/N replicas of rank r+1's)",
-        f"(stack rows: {ARGS.accumulate} micro-batch(es) per step, one sync)",
+        f"(stack rows: {ARGS.accumulate} micro-batch(es) per step, one sync; {ARGS.rounds} rounds, P timed in "
+        "turn within each; medians, and each ratio's median and range over the rounds' own ratios)",
         "| backend | " + " | ".join(f"P={ARGS.experts + r} ms" for r in extras) + " | +25% | +50% |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
@@ -437,21 +473,27 @@ def main() -> None:
         for redundant in extras[:2]:
             table = profile_table(even_layer(device, low, redundant, "auto"), device, low)
             emit(["", f"### profile, P={ARGS.experts + redundant}, rank 0, 5 steps", table])
+    later = {"warmup": 2, "iters": ARGS.iters}  # rounds after the first: the layers are warm
     if ARGS.stack > 0:
-        rows: dict[str, list[float]] = {mode: [] for mode in ("after", *ARGS.overlap_modes.split(","))}
+        modes = ("after", *ARGS.overlap_modes.split(","))
+        stacks = {r: [even_layer(device, low, r, "auto") for _ in range(ARGS.stack)] for r in extras}
+        times: dict[str, list[list[float]]] = {mode: [[] for _ in extras] for mode in modes}
+        for rnd in range(ARGS.rounds):
+            for i, redundant in enumerate(extras):  # P in turn within each round
+                for mode in modes:
+                    try:
+                        t = stack_time(stacks[redundant], device, low, mode, **(later if rnd else {}))
+                    except (AttributeError, RuntimeError) as err:  # e.g. no NCCL config in this torch
+                        emit([f"({mode}: {err!r})"])
+                        t = float("nan")
+                    times[mode][i].append(t)
         identical: list[str] = []
         for redundant in extras:
-            stack = [even_layer(device, low, redundant, "auto") for _ in range(ARGS.stack)]
-            for mode in rows:
-                try:
-                    rows[mode].append(stack_time(stack, device, low, mode))
-                except (AttributeError, RuntimeError) as err:  # e.g. no NCCL config in this torch
-                    emit([f"({mode}: {err!r})"])
-                    rows[mode].append(float("nan"))
             # one more step each way, plus a second plain one: the layer the backward reaches
             # first bit for bit, and the whole stack against the run-to-run difference of the
             # plain path (0 since the dispatch's backward has no atomics: the GPU backward
             # is reproducible, so both differences are expected to be 0)
+            stack = stacks[redundant]
             grads = []
             for mode in ("after", "overlap", "after"):
                 stack_time(stack, device, low, mode, warmup=0, iters=1)
@@ -469,19 +511,16 @@ def main() -> None:
             identical.append(
                 f"top layer {same}, stack {diff(over, plain):.1e} vs plain-plain {diff(again, plain):.1e}"
             )
-            del stack
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        for mode, times in rows.items():
+        del stacks, stack, grads
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        for mode in modes:
             label = "sync after backward" if mode == "after" else "overlapped sync"
             if mode.endswith(":hp"):
                 label += ", sync communicator on a high-priority stream"
             elif ":" in mode:
                 label += f", sync communicator max_ctas={mode.split(':')[1]}"
-            lines.append(
-                f"| auto, {ARGS.stack}-layer stack, {label} | {times[0] * 1e3:.2f} | {times[1] * 1e3:.2f} | "
-                f"{times[2] * 1e3:.2f} | {times[1] / times[0] - 1:+.1%} | {times[2] / times[0] - 1:+.1%} |"
-            )
+            lines.append(row(f"auto, {ARGS.stack}-layer stack, {label}", times[mode]))
         lines.append(
             f"(overlapped vs after-backward expert gradients, max relative difference, per P: {identical})"
         )
@@ -493,9 +532,8 @@ def main() -> None:
     sent: dict[int, tuple[float, float]] = {}
     for backend in [b for b in ARGS.backends.split(",") if b]:
         for label, with_sync, max_p2p_holders in variants:
-            times = []
-            for redundant in extras:
-                layer = even_layer(device, low, redundant, backend)
+            layers = {r: even_layer(device, low, r, backend) for r in extras}
+            for redundant, layer in layers.items():
                 if max_p2p_holders is not None:  # benchmark-only: rebuild the private sync plan
                     layer._replicas = ReplicaIndex.build(
                         layer.physical_to_logical.cpu(),
@@ -510,13 +548,14 @@ def main() -> None:
                         layer._replicas.sent_rows * row_bytes,
                         layer._replicas.all_reduce_rows * row_bytes,
                     )
-                times.append(step_time(layer, device, low, with_sync))
-            lines.append(
-                f"| {backend}{label} | {times[0] * 1e3:.2f} | {times[1] * 1e3:.2f} | {times[2] * 1e3:.2f} "
-                f"| {times[1] / times[0] - 1:+.1%} | {times[2] / times[0] - 1:+.1%} |"
-            )
+            times_p: list[list[float]] = [[] for _ in extras]
+            for rnd in range(ARGS.rounds):
+                for i, redundant in enumerate(extras):
+                    times_p[i].append(step_time(layers[redundant], device, low, with_sync, **(later if rnd else {})))
+            lines.append(row(f"{backend}{label}", times_p))
             emit(lines)
             lines = []
+            del layers
     lines = [
         "",
         f"replica-gradient sync, MB sent by rank {rank} per step (point-to-point plan / one all-reduce): "
