@@ -15,7 +15,8 @@ atomics (bf16 atomic adds cost about a quarter of a layer's step on an H200) and
 bits on every run.
 
 Shapes: ``N`` ranks of the expert-parallel group, ``S`` local slots, ``R`` rows, ``T``
-tokens, ``K`` experts per token, ``C = T * K`` token copies, ``H`` hidden size.
+tokens, ``K`` experts per token, ``C = T * K`` token copies, ``H`` hidden size, ``B = N * S``
+blocks of received rows (source rank, local slot).
 """
 
 from __future__ import annotations
@@ -94,6 +95,38 @@ def exchange_counts(
     dist.all_to_all_single(recv_NS, send_NS.contiguous(), group=group)
     host = torch.cat([recv_NS.sum(1), send_NS.sum(1), recv_NS.sum(0)]).tolist()
     return recv_NS, host[:num_ranks], host[num_ranks : 2 * num_ranks], host[2 * num_ranks :]
+
+
+def inverse_permutation(perm: Tensor) -> Tensor:
+    """``inv`` with ``inv[perm[i]] = i`` (one scatter, no sort)."""
+    inv = torch.empty_like(perm)
+    return inv.scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
+
+
+def slot_order(recv_NS: Tensor, num_recv: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Sort the received rows (grouped by source rank, each group by slot) by local slot,
+    stably, without a sort: the rows of block ``(n, s)`` move from its offset in ``(n, s)``
+    order to its offset in ``(s, n)`` order.
+
+    Args:
+        recv_NS: ``(N, S)`` rows received from rank ``n`` for local slot ``s``.
+        num_recv: ``R``, their total (known on the host).
+
+    Returns:
+        ``perm_R`` (the received row at each sorted position), its inverse, and the sorted
+        rows' slots.
+    """
+    num_ranks, slots = recv_NS.shape
+    count_B = recv_NS.reshape(-1)  # blocks in (n, s) order
+    src_B = torch.cumsum(count_B, 0) - count_B
+    count_SN = recv_NS.t().reshape(-1)
+    dst_B = (torch.cumsum(count_SN, 0) - count_SN).view(slots, num_ranks).t().reshape(-1)
+    blocks = torch.arange(num_ranks * slots, device=recv_NS.device)
+    block_R = torch.repeat_interleave(blocks, count_B, output_size=num_recv)
+    inv_R = torch.arange(num_recv, device=recv_NS.device) + (dst_B - src_B).index_select(0, block_R)
+    local_S = torch.arange(slots, device=recv_NS.device)
+    slot_R = torch.repeat_interleave(local_S, recv_NS.sum(0), output_size=num_recv)
+    return inverse_permutation(inv_R), inv_R, slot_R
 
 
 def wide_rows(t: Tensor) -> Tensor:

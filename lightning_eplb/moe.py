@@ -5,7 +5,7 @@ Shapes (suffixes used in names below):
     H: hidden size                F: expert FFN size
     E: logical experts            P: physical slots = E + redundant
     N: expert-parallel ranks      S = P // N local slots      M = P - E + 1
-    R: token copies received by this rank      B = N * S blocks (source rank, local slot)
+    R: token copies received by this rank
 
 Forward on ``N > 1`` ranks: route (top-k logical experts per token), pick one replica of
 each choice (round-robin over the expert's replicas in the order of the copies, see
@@ -25,7 +25,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_eplb._dispatch import all_to_all, combine, exchange_counts, gather_copies, permute_rows
+from lightning_eplb._dispatch import (
+    all_to_all,
+    combine,
+    exchange_counts,
+    gather_copies,
+    inverse_permutation,
+    permute_rows,
+    slot_order,
+)
 from lightning_eplb._grouped import BACKENDS, grouped_swiglu, resolve_backend
 from lightning_eplb._moe_state import load_state_dict_post_hook, load_state_dict_pre_hook
 from lightning_eplb._replica_sync import PendingSync, ReplicaIndex, finish_sync, start_sync
@@ -35,37 +43,6 @@ from lightning_eplb.placement import Placement
 from lightning_eplb.protocol import BalanceableMoE
 
 __all__ = ["BalanceableMoE", "ExpertParallelMoE"]
-
-
-def _inverse_permutation(perm: Tensor) -> Tensor:
-    inv = torch.empty_like(perm)
-    return inv.scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
-
-
-def _slot_order(recv_NS: Tensor, num_recv: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Sort the received rows (grouped by source rank, each group by slot) by local slot,
-    stably, without a sort: the rows of block ``(n, s)`` move from its offset in ``(n, s)``
-    order to its offset in ``(s, n)`` order.
-
-    Args:
-        recv_NS: ``(N, S)`` rows received from rank ``n`` for local slot ``s``.
-        num_recv: ``R``, their total (known on the host).
-
-    Returns:
-        ``perm_R`` (the received row at each sorted position), its inverse, and the sorted
-        rows' slots.
-    """
-    num_ranks, slots = recv_NS.shape
-    count_B = recv_NS.reshape(-1)  # blocks in (n, s) order
-    src_B = torch.cumsum(count_B, 0) - count_B
-    count_SN = recv_NS.t().reshape(-1)
-    dst_B = (torch.cumsum(count_SN, 0) - count_SN).view(slots, num_ranks).t().reshape(-1)
-    blocks = torch.arange(num_ranks * slots, device=recv_NS.device)
-    block_R = torch.repeat_interleave(blocks, count_B, output_size=num_recv)
-    inv_R = torch.arange(num_recv, device=recv_NS.device) + (dst_B - src_B).index_select(0, block_R)
-    local_S = torch.arange(slots, device=recv_NS.device)
-    slot_R = torch.repeat_interleave(local_S, recv_NS.sum(0), output_size=num_recv)
-    return _inverse_permutation(inv_R), inv_R, slot_R
 
 
 class ExpertParallelMoE(nn.Module):
@@ -422,7 +399,7 @@ class ExpertParallelMoE(nn.Module):
         # expert weight gradients leave the backward divided by N (DDP's averaging): the
         # factor rides on the combine's router-weight multiplication
         grad_scale = 1.0 / self._ep_size
-        inv_C = _inverse_permutation(order_C)
+        inv_C = inverse_permutation(order_C)
         x_CH = gather_copies(x_TH, order_C, inv_C, top_k, grad_scale)
         y_CH = self._experts(x_CH, slot_sorted_C, count_P)
         y_TKH = permute_rows(y_CH, inv_C, order_C).view(num_tokens, top_k, -1)
@@ -495,7 +472,7 @@ class ExpertParallelMoE(nn.Module):
             count_P.view(num_ranks, slots), group
         )
         x_RH = all_to_all(x_CH, output_splits, input_splits, group)
-        perm_R, inv_R, slot_R = _slot_order(recv_NS, sum(output_splits))
+        perm_R, inv_R, slot_R = slot_order(recv_NS, sum(output_splits))
         y_RH = grouped_swiglu(
             permute_rows(x_RH, perm_R, inv_R), slot_R, recv_NS.sum(0), slot_counts, *weights, backend
         )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_eplb._dispatch import combine, gather_copies, permute_rows, take_rows
+from lightning_eplb._dispatch import combine, gather_copies, permute_rows, slot_order, take_rows
 
 TOKENS, TOP_K, HIDDEN = 7, 3, 5
 
@@ -95,3 +95,16 @@ def test_take_rows_matches_index_select(dtype: torch.dtype) -> None:
     strided = torch.arange(48).to(dtype).view(8, 6).t()  # not contiguous: copied first
     index = torch.tensor([5, 0, 0, 3])
     assert torch.equal(take_rows(strided, index), strided.index_select(0, index))
+
+
+def test_slot_order_equals_a_stable_sort() -> None:
+    gen = torch.Generator().manual_seed(2)
+    for ranks, slots in [(1, 1), (2, 3), (4, 5), (3, 1)]:
+        recv_NS = torch.randint(0, 4, (ranks, slots), generator=gen)
+        recv_NS[0, 0] = 0  # empty blocks too
+        local = torch.arange(slots).repeat(ranks)
+        slot_R = torch.repeat_interleave(local, recv_NS.reshape(-1))
+        perm, inv, sorted_slots = slot_order(recv_NS, int(recv_NS.sum()))
+        assert perm.tolist() == torch.argsort(slot_R, stable=True).tolist()
+        assert torch.equal(inv[perm], torch.arange(len(perm)))
+        assert sorted_slots.tolist() == sorted(slot_R.tolist())

@@ -193,21 +193,6 @@ def test_sort_by_slot_equals_the_replica_rule_and_a_stable_sort() -> None:
             assert count_P.tolist() == torch.bincount(slot_C, minlength=physical).tolist()
 
 
-def test_slot_order_equals_a_stable_sort() -> None:
-    from lightning_eplb.moe import _slot_order
-
-    gen = torch.Generator().manual_seed(2)
-    for ranks, slots in [(1, 1), (2, 3), (4, 5), (3, 1)]:
-        recv_NS = torch.randint(0, 4, (ranks, slots), generator=gen)
-        recv_NS[0, 0] = 0  # empty blocks too
-        local = torch.arange(slots).repeat(ranks)
-        slot_R = torch.repeat_interleave(local, recv_NS.reshape(-1))
-        perm, inv, sorted_slots = _slot_order(recv_NS, int(recv_NS.sum()))
-        assert perm.tolist() == torch.argsort(slot_R, stable=True).tolist()
-        assert torch.equal(inv[perm], torch.arange(len(perm)))
-        assert sorted_slots.tolist() == sorted(slot_R.tolist())
-
-
 def test_placement_change_with_moved_weights_keeps_outputs() -> None:
     ep, dense = make_pair(8, 12, 6, 3, redundant=3, expert_backend="bmm")
     x = torch.randn(11, 8, dtype=DT)
