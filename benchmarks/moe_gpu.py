@@ -354,7 +354,6 @@ def stack_time(
     x = torch.randn(ARGS.tokens, ARGS.hidden, generator=gen).to(device, dtype)
     gy = torch.randn(ARGS.tokens, ARGS.hidden, generator=gen).to(device, dtype)
     overlap = mode != "after"
-    group = None
     if overlap and mode not in _GROUPS:  # one group per mode, reused over rounds
         options = None
         if ":" in mode and device.type == "cuda":

@@ -84,6 +84,8 @@ class ReplicaIndex:
         base_rows: ``(K,)`` where each row of L lives during the sync: its local slot in
             the gradient itself when every replicated expert of this rank has one local
             slot (the usual case: no copies), else its row in a ``(K, D)`` buffer of sums.
+        one_slot_each: which of the two (True: every replicated expert of this rank sits
+            in exactly one local slot, so the gradient is the base).
         recv_sizes: per peer, the sizes of the messages it sends (one per run of its base
             rows, or one packed message; see ``_rows.message_sizes``).
         num_replicated: experts with more than one replica (identical on every rank).
@@ -114,6 +116,7 @@ class ReplicaIndex:
     ar_rows: Tensor
     ar_pos: Tensor
     base_rows: Tensor
+    one_slot_each: bool
     recv_sizes: list[list[int]]
     num_replicated: int
     num_all_reduce: int
@@ -174,17 +177,19 @@ class ReplicaIndex:
         all_reduced = [e for e in replicated if len(holders[e]) > t]
         ar_index = {e: i for i, e in enumerate(all_reduced)}
 
-        def base(r: int) -> dict[int, int]:
-            """Rank r's base row of each of its replicated experts: the local slot when each
-            sits in one local slot there, else the row of its local sums."""
-            on_r = [e for e in p2l[r * num_slots : (r + 1) * num_slots] if e in is_rep]
+        def base(r: int) -> tuple[bool, dict[int, int]]:
+            """Whether rank r sums in its gradient itself (each of its replicated experts
+            sits in one local slot there), and the base row of each: that slot, else the
+            expert's row of its local sums. The one rule both ends of an exchange use."""
+            slots_r = p2l[r * num_slots : (r + 1) * num_slots]
+            on_r = [e for e in slots_r if e in is_rep]
             if len(on_r) == len(set(on_r)):
-                return {e: s for s, e in enumerate(p2l[r * num_slots : (r + 1) * num_slots]) if e in is_rep}
-            return {e: k for k, e in enumerate(sorted(set(on_r)))}
+                return True, {e: s for s, e in enumerate(slots_r) if e in is_rep}
+            return False, {e: k for k, e in enumerate(sorted(set(on_r)))}
 
         mine = [e for e in replicated if rank in holders[e]]
         krow = {e: k for k, e in enumerate(mine)}
-        my_base = base(rank)
+        in_place, my_base = base(rank)
         local = [
             (s, krow[e]) for s, e in enumerate(p2l[rank * num_slots : (rank + 1) * num_slots]) if e in krow
         ]
@@ -200,7 +205,7 @@ class ReplicaIndex:
                     position[q, e] = num_recv + i
                 num_recv += len(shared)
                 peers.append((q, [krow[e] for e in shared]))
-                theirs = base(q)
+                _, theirs = base(q)
                 recv_sizes.append(message_sizes([theirs[e] for e in shared]))
         # Canonical sum ((h0 + h1) + h2) + ... over the holders in rank order, computed in
         # place on the local sums L: exact because a + b == b + a in floating point. An
@@ -250,6 +255,7 @@ class ReplicaIndex:
             ar_rows=i64([krow[e] for e in mine_ar]),
             ar_pos=i64([ar_index[e] for e in mine_ar]),
             base_rows=i64([my_base[e] for e in mine]),
+            one_slot_each=in_place,
             recv_sizes=recv_sizes,
             num_replicated=len(replicated),
             num_all_reduce=len(all_reduced),
@@ -257,11 +263,6 @@ class ReplicaIndex:
             sent_rows=float(sent),
             all_reduce_rows=ring * len(replicated) if num_ranks > 1 else 0.0,
         )
-
-    @property
-    def one_slot_each(self) -> bool:
-        """Every replicated expert of this rank sits in exactly one local slot (the usual case)."""
-        return len(self.local_slots) == self.num_local
 
     def on(self, device: torch.device) -> _DeviceIndex:
         """The index tensors on ``device`` (rows of L translated to base rows), copied once

@@ -17,14 +17,15 @@ from lightning_eplb._dispatch import wide_rows
 MAX_RUNS = 8  # row sets of at most this many runs are handled as slices (no copies)
 
 
-def _runs(values: list[int]) -> list[tuple[int, int]]:
-    """``(start, length)`` of the maximal runs ``v, v + 1, ...`` of ``values``."""
-    runs: list[tuple[int, int]] = []
-    for v in values:
-        if runs and runs[-1][0] + runs[-1][1] == v:
+def _runs(*columns: list[int]) -> list[tuple[tuple[int, ...], int]]:
+    """The maximal runs over which every column advances by one together: ``(first value
+    of each column, length)``."""
+    runs: list[tuple[tuple[int, ...], int]] = []
+    for values in zip(*columns, strict=True):
+        if runs and all(v == f + runs[-1][1] for v, f in zip(values, runs[-1][0], strict=True)):
             runs[-1] = (runs[-1][0], runs[-1][1] + 1)
         else:
-            runs.append((v, 1))
+            runs.append((values, 1))
     return runs
 
 
@@ -42,50 +43,45 @@ class Rows:
     rows are then handled as slices (views for sends, in-place adds, no gathered copies)."""
 
     index: Tensor
-    runs: tuple[tuple[int, int], ...] | None
+    runs: tuple[tuple[int, int, int], ...] | None  # (position in the rows, first row, length)
 
     @classmethod
     def of(cls, rows: Tensor, device: torch.device) -> Rows:
-        runs = _runs(rows.tolist())
+        runs, pos = [], 0
+        for (start,), n in _runs(rows.tolist()):
+            runs.append((pos, start, n))
+            pos += n
         return cls(rows.to(device, non_blocking=True), tuple(runs) if len(runs) <= MAX_RUNS else None)
 
     def __len__(self) -> int:
         return int(self.index.numel())
 
-    def _slices(self) -> list[tuple[int, slice]]:
-        """(position in the rows, slice of the indexed tensor) per run."""
-        assert self.runs is not None
-        out, pos = [], 0
-        for start, n in self.runs:
-            out.append((pos, slice(start, start + n)))
-            pos += n
-        return out
-
     def parts(self, src: Tensor) -> list[Tensor]:
         """``src[rows]`` as the messages of :func:`message_sizes`: views, or one copy."""
         if self.runs is not None:
-            return [src[rows] for _, rows in self._slices()]
+            return [src[start : start + n] for _, start, n in self.runs]
         return [self.take(src)]
 
     def take(self, src: Tensor) -> Tensor:
         """``src[rows]``: a view for one run, else a gathered copy."""
         if self.runs is not None and len(self.runs) == 1:
-            return src[self._slices()[0][1]]
+            _, start, n = self.runs[0]
+            return src[start : start + n]
         return wide_rows(src).index_select(0, self.index).view(src.dtype)
 
     def put(self, dst: Tensor, values: Tensor) -> None:
         """``dst[rows] = values``."""
         if self.runs is not None:
-            for pos, rows in self._slices():
-                dst[rows].copy_(values[pos : pos + rows.stop - rows.start])
+            for pos, start, n in self.runs:
+                dst[start : start + n].copy_(values[pos : pos + n])
         else:
             wide_rows(dst).index_copy_(0, self.index, wide_rows(values.contiguous()))
 
     def add(self, dst: Tensor, values: Tensor) -> None:
         """``dst[rows] += values`` (rows are unique: one rounding per element, as ``a + b``)."""
         if self.runs is not None:
-            for pos, rows in self._slices():
-                dst[rows].add_(values[pos : pos + rows.stop - rows.start])
+            for pos, start, n in self.runs:
+                dst[start : start + n].add_(values[pos : pos + n])
         else:  # gather, add, write back: no atomic adds
             self.put(dst, self.take(dst) + values)
 
@@ -101,13 +97,7 @@ class Pair:
 
     @classmethod
     def of(cls, dst: Tensor, src: Tensor, device: torch.device) -> Pair:
-        pairs = list(zip(dst.tolist(), src.tolist(), strict=True))
-        segments: list[tuple[int, int, int]] = []
-        for d, s in pairs:
-            if segments and segments[-1][0] + segments[-1][2] == d and segments[-1][1] + segments[-1][2] == s:
-                segments[-1] = (segments[-1][0], segments[-1][1], segments[-1][2] + 1)
-            else:
-                segments.append((d, s, 1))
+        segments = [(d, s, n) for (d, s), n in _runs(dst.tolist(), src.tolist())]
         fits = len(segments) <= MAX_RUNS
         return cls(Rows.of(dst, device), Rows.of(src, device), tuple(segments) if fits else None)
 

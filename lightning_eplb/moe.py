@@ -435,9 +435,8 @@ class ExpertParallelMoE(nn.Module):
         num_copies, rank = expert_C.numel(), self._ep_rank
         by_expert_C = torch.argsort(expert_C, stable=True)
         expert_sorted_C = expert_C.index_select(0, by_expert_C)
-        per_expert_E = torch.zeros(self.num_logical_experts, dtype=torch.int64, device=expert_C.device)
-        per_expert_E.index_add_(0, expert_C, torch.ones_like(expert_C))
-        start_E = torch.cumsum(per_expert_E, 0) - per_expert_E
+        experts_E = torch.arange(self.num_logical_experts, device=expert_C.device)
+        start_E = torch.searchsorted(expert_sorted_C, experts_E)  # first copy of each expert
         copy_C = torch.arange(num_copies, device=expert_C.device)
         shifted_C = copy_C - start_E.index_select(0, expert_sorted_C) + rank  # n + rank
         replicas_C = self.logical_replica_count.index_select(0, expert_sorted_C)

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+__all__ = ["POLICIES", "Placement", "rebalance"]
+
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -34,8 +36,6 @@ def on_host(fn: _F) -> _F:
             return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
-
-__all__ = ["POLICIES", "Placement", "rebalance"]
 
 
 @dataclass(frozen=True)
