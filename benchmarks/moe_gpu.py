@@ -16,14 +16,16 @@ Sections:
    group: all P slots, no collectives) at equal tokens per GPU.
 4. Step time (forward+backward+``sync_replica_grads``) with 0, 25% and 50% extra slots at
    equal tokens, per expert backend (goal: under 3% apart for the default backend); also
-   without the sync, and with the sync forced to the former single all-reduce, to separate
-   the terms; and the bytes each rank sends in the sync. The three P are timed in turn in
-   each of ``--rounds`` rounds; the table gives medians and the ratios of each round.
+   without the sync, the sync alone (as a share of the P = E step: its floor when nothing
+   hides it), and with the sync forced to the former single all-reduce, to separate the
+   terms; and the bytes each rank sends in the sync. The three P are timed in turn in each
+   of ``--rounds`` rounds; the table gives medians and the ratios of each round.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import time
@@ -296,11 +298,13 @@ def step_time(
     layer: ExpertParallelMoE,
     device: torch.device,
     dtype: torch.dtype,
-    with_sync: bool = True,
+    with_sync: bool | str = True,
     warmup: int | None = None,
     iters: int | None = None,
 ) -> float:
-    """Mean seconds of forward+backward(+sync_replica_grads if ``with_sync``), max over ranks."""
+    """Mean seconds of forward+backward(+sync_replica_grads if ``with_sync``), max over ranks;
+    ``with_sync="alone"``: of ``sync_replica_grads`` alone, on the gradients of one backward
+    (the floor of what the replica sync adds, when nothing runs beside it)."""
     gen = torch.Generator().manual_seed(3 + dist.get_rank())
     x = torch.randn(ARGS.tokens, ARGS.hidden, generator=gen).to(device, dtype).requires_grad_()
     gy = torch.randn(ARGS.tokens, ARGS.hidden, generator=gen).to(device, dtype)
@@ -314,22 +318,37 @@ def step_time(
             layer.sync_replica_grads()
         layer.reset_expert_load()
 
+    if with_sync == "alone":
+        step()  # the gradients the sync then works on, summed in place again on every call
+        return timed(
+            layer.sync_replica_grads,
+            device,
+            ARGS.warmup if warmup is None else warmup,
+            ARGS.iters if iters is None else iters,
+        )
     return timed(step, device, ARGS.warmup if warmup is None else warmup, ARGS.iters if iters is None else iters)
 
 
 _GROUPS: dict[str, dist.ProcessGroup] = {}
 
 
-def by_rounds(times: list[list[float]]) -> tuple[list[float], list[list[float]]]:
+def by_rounds(
+    times: list[list[float]], base: list[float] | None = None
+) -> tuple[list[float], list[list[float]]]:
     """Median time per P over rounds, and every round's ratios to the first P (ratios taken
-    within a round, so slow drift of the machine cancels)."""
-    ratios = [[t / ts[0] - 1 for t in ts[1:]] for ts in zip(*times, strict=True)]
+    within a round, so slow drift of the machine cancels); with ``base`` (one time per round),
+    every round's extra time over that round's ``base`` instead."""
+    if base is None:
+        ratios = [[t / ts[0] - 1 for t in ts[1:]] for ts in zip(*times, strict=True)]
+    else:
+        ratios = [[t / b for t in ts[1:]] for ts, b in zip(zip(*times, strict=True), base, strict=True)]
     return [statistics.median(ts) for ts in times], [list(r) for r in zip(*ratios, strict=True)]
 
 
-def row(label: str, times: list[list[float]]) -> str:
-    """A table row: median ms per P, then the median ratio (and its range over rounds)."""
-    medians, ratios = by_rounds(times)
+def row(label: str, times: list[list[float]], base: list[float] | None = None) -> str:
+    """A table row: median ms per P, then the median ratio (and its range over rounds); with
+    ``base``, the time as a fraction of ``base`` (the same round's P = E step)."""
+    medians, ratios = by_rounds(times, base)
     cells = [f"{t * 1e3:.2f}" for t in medians]
     for r in ratios:
         spread = f" ({min(r):+.1%}..{max(r):+.1%})" if len(r) > 1 else ""
@@ -415,16 +434,16 @@ def main() -> None:
         "| dtype | backend | output | input grad | gate grad | w1 grad | w3 grad | w2 grad | verdict |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for dtype, backend, tol in ((torch.float32, "bmm", 1e-4), (low, "auto", 3e-2)):
+    sections = {int(x) for x in ARGS.sections.split(",")}
+    for dtype, backend, tol in ((torch.float32, "bmm", 1e-4), (low, "auto", 3e-2)) if 1 in sections else ():
         errs = check_equivalence(device, dtype, backend)
         if rank == 0:
             verdict = "PASS" if max(errs.values()) < tol else f"FAIL (tol {tol:g})"
             cells = " | ".join(f"{v:.1e}" for v in errs.values())
             lines.append(f"| {str(dtype).split('.')[-1]} | {backend} | {cells} | {verdict} |")
 
-    emit(lines)
+    emit(lines if 1 in sections else lines[:1])
     lines = []
-    sections = {int(x) for x in ARGS.sections.split(",")}
     counts = sync_counts(device, low) if 2 in sections else {}
     lines = [
         "",
@@ -475,7 +494,12 @@ def main() -> None:
     later = {"warmup": 2, "iters": ARGS.iters}  # rounds after the first: the layers are warm
     if ARGS.stack > 0:
         modes = ("after", *ARGS.overlap_modes.split(","))
-        stacks = {r: [even_layer(device, low, r, "auto") for _ in range(ARGS.stack)] for r in extras}
+        # the layers of a stack start as copies of one (drawing every layer's weights on the
+        # CPU dominates the set-up of deep or wide stacks; the timing does not depend on them)
+        stacks = {}
+        for r in extras:
+            first = even_layer(device, low, r, "auto")
+            stacks[r] = [first] + [copy.deepcopy(first) for _ in range(ARGS.stack - 1)]
         times: dict[str, list[list[float]]] = {mode: [[] for _ in extras] for mode in modes}
         for rnd in range(ARGS.rounds):
             for i, redundant in enumerate(extras):  # P in turn within each round
@@ -527,8 +551,14 @@ def main() -> None:
         lines = []
     # rows: the step as the callback runs it; without the replica-gradient sync; with the sync
     # forced to one all-reduce of every replicated expert (the former path)
-    variants = (("", True, None), (", no sync", False, None), (", all-reduce sync", True, 1))
+    variants = (
+        ("", True, None),
+        (", no sync", False, None),
+        (", sync alone", "alone", None),
+        (", all-reduce sync", True, 1),
+    )
     sent: dict[int, tuple[float, float]] = {}
+    step_p64: list[float] = []  # the P = E step with the sync, per round
     for backend in [b for b in ARGS.backends.split(",") if b]:
         for label, with_sync, max_p2p_holders in variants:
             layers = {r: even_layer(device, low, r, backend) for r in extras}
@@ -551,7 +581,12 @@ def main() -> None:
             for rnd in range(ARGS.rounds):
                 for i, redundant in enumerate(extras):
                     times_p[i].append(step_time(layers[redundant], device, low, with_sync, **(later if rnd else {})))
-            lines.append(row(f"{backend}{label}", times_p))
+            if with_sync == "alone":  # as a share of the P = E step with the sync (0 there)
+                lines.append(row(f"{backend}{label} (share of the P={ARGS.experts} step)", times_p, step_p64))
+            else:
+                lines.append(row(f"{backend}{label}", times_p))
+            if not label:
+                step_p64 = times_p[0]
             emit(lines)
             lines = []
             del layers

@@ -105,6 +105,8 @@ def _run(rank: int, world_size: int, tmp: str) -> None:
     out["lopsided"] = _global_losses(model)
     # the copies stay identical: the same slots hold the same bits in both EP groups
     w = torch.cat([p.detach().reshape(-1) for m in model.moes for p in m.expert_tensors()])
+    if dist.get_backend() == "nccl":  # (Lightning's teardown moved the model back to the CPU)
+        w = w.to(torch.device("cuda", torch.cuda.current_device()))
     copies = [torch.empty_like(w) for _ in range(world_size)]
     dist.all_gather(copies, w)
     out["copies_equal"] = torch.equal(copies[0], copies[2]) and torch.equal(copies[1], copies[3])
