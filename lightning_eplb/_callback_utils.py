@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -93,13 +93,20 @@ def broadcast_from_rank_zero(p2l_LP: Tensor, device: torch.device, failed: bool 
 
 
 def reduce_stats(
-    sent: int, received: int, seconds: float, move_seconds: float, device: torch.device
-) -> tuple[float, float, float, float]:
+    sent: int,
+    received: int,
+    seconds: float,
+    move_seconds: float,
+    device: torch.device,
+    replica_bytes: float = 0.0,
+) -> tuple[float, float, float, float, float]:
     """Bytes sent summed over ranks, the busiest rank's bytes received, the slowest rank's
-    seconds in all and in the migration."""
+    seconds in all and in the migration, and the largest ``replica_bytes`` of any rank."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return float(sent), float(received), seconds, move_seconds
-    mine = torch.tensor([sent, received, seconds, move_seconds], dtype=torch.float64, device=device)
+        return float(sent), float(received), seconds, move_seconds, float(replica_bytes)
+    mine = torch.tensor(
+        [sent, received, seconds, move_seconds, replica_bytes], dtype=torch.float64, device=device
+    )
     parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, mine)
     table = torch.stack(parts).cpu()
@@ -108,7 +115,24 @@ def reduce_stats(
         float(table[:, 1].max()),
         float(table[:, 2].max()),
         float(table[:, 3].max()),
+        float(table[:, 4].max()),
     )
+
+
+def replica_grad_bytes(layers: Sequence[tuple[str, Any]]) -> float:
+    """Bytes this rank sends per optimizer step to sum the gradients of its replicated
+    experts with their other holders, under the placement in force, over the
+    :class:`~lightning_eplb.ExpertParallelMoE` layers (a layer that only implements the
+    protocol syncs its own way and counts 0). The average over copies of expert parallelism
+    inside data parallelism is not counted: it exists without replicas too."""
+    total = 0.0
+    for _, layer in layers:
+        index = getattr(layer, "_replicas", None)
+        if index is None:
+            continue
+        row_bytes = sum(t[0].numel() * t.element_size() for t in layer.expert_tensors())
+        total += index.sent_rows * row_bytes
+    return total
 
 
 def plot_option(value: bool) -> bool:

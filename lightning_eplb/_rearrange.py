@@ -80,8 +80,13 @@ def rearrange(cb: Any, trainer: pl.Trainer, load: WindowLoad, step: int) -> None
             )
         cb.num_rearrangements += 1
         cb.last_rearrangement_step = step
-    total_sent, max_received, seconds, move_seconds = utils.reduce_stats(
-        sent, received, time.perf_counter() - start, move_seconds, load.slot_LP.device
+    total_sent, max_received, seconds, move_seconds, replica_bytes = utils.reduce_stats(
+        sent,
+        received,
+        time.perf_counter() - start,
+        move_seconds,
+        load.slot_LP.device,
+        utils.replica_grad_bytes(cb.layers),
     )
     record = {
         "step": float(step),
@@ -93,6 +98,7 @@ def rearrange(cb: Any, trainer: pl.Trainer, load: WindowLoad, step: int) -> None
         "bytes_received_max": max_received,
         "seconds": seconds,
         "migration_seconds": move_seconds,
+        "replica_grad_bytes_max": replica_bytes,
         "skipped": float(skipped),
     }
     cb.rearrangements.append(record)

@@ -63,7 +63,10 @@ class EplbCallback(Callback):
     (per step, summed over layers). Per rearrangement: ``eplb/rearrangement/*`` with the
     predicted balancedness before and after, the measured one of the window it was computed
     from, slots changed, bytes moved (sum over ranks), the busiest rank's bytes received,
-    seconds (slowest rank) and ``skipped`` (1 when the gain was below ``min_improvement``).
+    seconds (slowest rank), ``replica_grad_bytes_max`` (what the placement in force costs
+    per optimizer step: the most bytes any rank sends to sum the gradients of replicated
+    experts, :class:`~lightning_eplb.ExpertParallelMoE` layers only) and ``skipped`` (1
+    when the gain was below ``min_improvement``).
 
     Gradient clipping by norm (``Trainer(gradient_clip_val=...)``) is taken over during
     ``fit``: Lightning's ``clip_grad_norm_`` would see only this rank's expert slots (and

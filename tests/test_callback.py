@@ -183,4 +183,5 @@ def test_placement_round_trip_helpers():
     p2l = Placement.contiguous(2, 4, 6, 2).physical_to_logical
     assert torch.equal(utils.broadcast_from_rank_zero(p2l, torch.device("cpu")), p2l)
     assert utils.broadcast_from_rank_zero(p2l, torch.device("cpu"), failed=True) is None
-    assert utils.reduce_stats(10, 20, 0.5, 0.25, torch.device("cpu")) == (10.0, 20.0, 0.5, 0.25)
+    assert utils.reduce_stats(10, 20, 0.5, 0.25, torch.device("cpu")) == (10.0, 20.0, 0.5, 0.25, 0.0)
+    assert utils.reduce_stats(10, 20, 0.5, 0.25, torch.device("cpu"), 7.0)[-1] == 7.0

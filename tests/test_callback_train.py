@@ -206,6 +206,7 @@ def _runs(world_size: int, tmp: str) -> dict:
     out["launches"] = len(launches)
     out["eplb"], out["records"], out["stats"] = _global_losses(model), cb.rearrangements, cb.last_stats
     out["rearrangements"] = cb.num_rearrangements
+    out["final_p2l"] = [m.physical_to_logical.clone() for m in model.moes]
     # resume from step 4: the same losses, rearrangement steps and decisions afterwards
     cb = EplbCallback(step_interval=2, window_size=3, min_improvement=0.0, log_every_n_steps=1)
     model = _Net()
@@ -257,6 +258,23 @@ def _run_two_ranks(rank: int, world_size: int, tmp: str) -> None:
         torch.save(out, os.path.join(tmp, "two.pt"))
 
 
+def replica_bytes_brute_force(p2l_per_layer: list[Tensor], num_ranks: int) -> float:
+    """The most bytes a rank sends per optimizer step to sum replica gradients, each of its
+    replicated experts sent once to every other rank holding it (float64 experts of ``_Net``)."""
+    row_bytes = 3 * H * F * 8
+    most = 0
+    for rank in range(num_ranks):
+        rows = 0
+        for p2l in p2l_per_layer:
+            slots = len(p2l) // num_ranks
+            holders: dict[int, set[int]] = {}
+            for slot, expert in enumerate(p2l.tolist()):
+                holders.setdefault(expert, set()).add(slot // slots)
+            rows += sum(len(holders[e]) - 1 for e in set(p2l[rank * slots : (rank + 1) * slots].tolist()))
+        most = max(most, rows)
+    return float(most * row_bytes)
+
+
 def _decisions(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in records]
 
@@ -303,6 +321,12 @@ def test_training_unchanged_by_eplb_on_one_and_two_ranks(tmp_path):
     assert (one["launches"], one["accumulate_launches"]) == (0, 0)
     moved = [r for r in two["records"] if r["slots_changed"] > 0]
     assert moved and all(r["bytes_sent"] > 0 for r in moved)
+    # what the placement in force costs per step: replica gradients sent by the busiest rank
+    # (none on one process, where every replica is local)
+    for run, ranks in ((one, 1), (two, 2)):
+        want = replica_bytes_brute_force(run["final_p2l"], ranks)
+        assert run["records"][-1]["replica_grad_bytes_max"] == want
+    assert replica_bytes_brute_force(two["final_p2l"], 2) > 0
     # a proposal predicted to be worse is kept out by min_improvement=0
     assert all(r["skipped"] for r in two["records"] if r["balancedness_after"] < r["balancedness_before"])
     assert set(two["stats"]) == {"eplb/balancedness", "eplb/max_tokens", "eplb/avg_tokens"}
