@@ -558,7 +558,7 @@ def main() -> None:
         (", all-reduce sync", True, 1),
     )
     sent: dict[int, tuple[float, float]] = {}
-    step_p64: list[float] = []  # the P = E step with the sync, per round
+    step_p_e: list[float] = []  # the P = E step with the sync, per round
     for backend in [b for b in ARGS.backends.split(",") if b]:
         for label, with_sync, max_p2p_holders in variants:
             layers = {r: even_layer(device, low, r, backend) for r in extras}
@@ -582,11 +582,11 @@ def main() -> None:
                 for i, redundant in enumerate(extras):
                     times_p[i].append(step_time(layers[redundant], device, low, with_sync, **(later if rnd else {})))
             if with_sync == "alone":  # as a share of the P = E step with the sync (0 there)
-                lines.append(row(f"{backend}{label} (share of the P={ARGS.experts} step)", times_p, step_p64))
+                lines.append(row(f"{backend}{label} (share of the P={ARGS.experts} step)", times_p, step_p_e))
             else:
                 lines.append(row(f"{backend}{label}", times_p))
             if not label:
-                step_p64 = times_p[0]
+                step_p_e = times_p[0]
             emit(lines)
             lines = []
             del layers
