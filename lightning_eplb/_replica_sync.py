@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_eplb._rows import Pair, Rows, message_sizes
+from lightning_eplb._sync_cost import holders_of, pick_max_p2p_holders
 from lightning_eplb.placement import on_host
 
 
@@ -153,24 +154,12 @@ class ReplicaIndex:
         """
         p2l = physical_to_logical.to(torch.int64).tolist()
         num_ranks = len(p2l) // num_slots
-        replicated = [e for e, c in enumerate(replica_count.to(torch.int64).tolist()) if c > 1]
+        holders = holders_of(p2l, replica_count.to(torch.int64).tolist(), num_slots)
+        replicated = list(holders)  # increasing
         is_rep = set(replicated)
-        holders: dict[int, list[int]] = {e: [] for e in replicated}
-        for p, e in enumerate(p2l):
-            if e in is_rep and (not holders[e] or holders[e][-1] != p // num_slots):
-                holders[e].append(p // num_slots)  # slots are in rank order: sorted, unique
         ring = 2.0 * (num_ranks - 1) / num_ranks
-
-        def cost(t: int) -> float:
-            per_rank = [0] * num_ranks
-            for e in replicated:
-                if len(holders[e]) <= t:
-                    for r in holders[e]:
-                        per_rank[r] += len(holders[e]) - 1
-            return max(per_rank, default=0) + ring * sum(len(holders[e]) > t for e in replicated)
-
         if max_p2p_holders is None:
-            max_p2p_holders = min(range(1, num_ranks + 1), key=lambda t: (cost(t), -t))
+            max_p2p_holders = pick_max_p2p_holders(holders, num_ranks)
         elif max_p2p_holders < 1:
             raise ValueError(f"max_p2p_holders ({max_p2p_holders}) must be >= 1")
         t = max_p2p_holders

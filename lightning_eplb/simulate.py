@@ -23,10 +23,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_eplb._sync_cost import sync_rows
 from lightning_eplb.placement import Placement
 from lightning_eplb.trace import read_sglang, read_trace
 
-__all__ = ["Rearrangement", "SimulationResult", "drifting_loads", "main", "simulate"]
+__all__ = ["Rearrangement", "SimulationResult", "drifting_loads", "main", "replica_sync_rows", "simulate"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,9 @@ class Rearrangement:
             i.e. weights that must cross the network.
         bytes_moved: ``expert_bytes * slots_received``.
         seconds: time the policy took.
+        replica_grad_bytes: what the new placement costs every optimizer step: the most
+            bytes a rank sends to sum the gradients of replicated experts
+            (``grad_bytes * replica_sync_rows(new)``).
     """
 
     step: int
@@ -52,6 +56,7 @@ class Rearrangement:
     slots_received: int
     bytes_moved: int
     seconds: float
+    replica_grad_bytes: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,7 @@ class SimulationResult:
         rearrangements: in step order.
         placement: the placement in force at the end.
         num_ranks, num_physical, policy, step_interval, window: the replay's settings.
+        grad_bytes: bytes of one expert's gradient (0: replicas not priced).
 
     Example:
         >>> load_TLE = torch.tensor([[[8.0, 1.0, 1.0, 2.0]]]).expand(4, 1, 4)
@@ -83,6 +89,7 @@ class SimulationResult:
     policy: str
     step_interval: int
     window: int
+    grad_bytes: int = 0
 
     @property
     def num_steps(self) -> int:
@@ -116,6 +123,7 @@ def simulate(
     step_interval: int = 100,
     window: int | None = None,
     expert_bytes: int = 0,
+    grad_bytes: int = 0,
     progress: bool = False,
 ) -> SimulationResult:
     """Replay loads through the placement policy.
@@ -135,6 +143,9 @@ def simulate(
         step_interval: steps between rearrangements.
         window: steps of load each rearrangement looks at (default: ``step_interval``).
         expert_bytes: bytes of one expert (weights plus optimizer state) moved per received slot.
+        grad_bytes: bytes of one expert's gradient (its parameters times the gradient's
+            element size), to price replicas: each rearrangement then reports what its
+            placement's replica-gradient sync sends per optimizer step.
         progress: show a progress bar on stderr when it is a terminal.
 
     Raises:
@@ -152,8 +163,9 @@ def simulate(
     for name, value in (("step_interval", step_interval), ("window", window), ("num_nodes", num_nodes)):
         if value < 1:
             raise ValueError(f"{name} ({value}) must be >= 1")
-    if num_redundant < 0 or expert_bytes < 0:
-        raise ValueError(f"num_redundant ({num_redundant}) and expert_bytes ({expert_bytes}) must be >= 0")
+    for name, value in (("num_redundant", num_redundant), ("expert_bytes", expert_bytes), ("grad_bytes", grad_bytes)):
+        if value < 0:
+            raise ValueError(f"{name} ({value}) must be >= 0")
     P = E + num_redundant
     if num_ranks < 1 or P % num_ranks:
         raise ValueError(
@@ -193,6 +205,7 @@ def simulate(
                         slots_received=received,
                         bytes_moved=received * int(expert_bytes),
                         seconds=seconds,
+                        replica_grad_bytes=replica_sync_rows(new) * grad_bytes if grad_bytes else 0.0,
                     )
                 )
                 current = new
@@ -209,7 +222,25 @@ def simulate(
         policy=policy if isinstance(policy, str) else getattr(policy, "__name__", "custom"),
         step_interval=step_interval,
         window=window,
+        grad_bytes=int(grad_bytes),
     )
+
+
+def replica_sync_rows(placement: Placement) -> float:
+    """Expert-sized gradient rows the busiest rank sends per optimizer step to sum the
+    gradients of replicated experts under ``placement`` (all layers), as the sync of
+    :class:`~lightning_eplb.ExpertParallelMoE` plans it.
+
+    Example:
+        >>> replica_sync_rows(Placement.contiguous(2, 4, 6, 2))  # experts 0, 1 on both ranks
+        4.0
+    """
+    per_rank = [0.0] * placement.num_ranks
+    rows_LP = placement.physical_to_logical.tolist()
+    for p2l, counts in zip(rows_LP, placement.logical_replica_count.tolist(), strict=True):
+        for r, rows in enumerate(sync_rows(p2l, counts, placement.slots_per_rank)):
+            per_rank[r] += rows
+    return max(per_rank)
 
 
 def balancedness_per_step(placement: Placement, loads_TLE: Tensor) -> Tensor:
@@ -296,12 +327,14 @@ def format_bytes(n: float) -> str:
 
 def format_table(result: SimulationResult, max_rows: int = 30) -> str:
     """One row per interval: mean balancedness with EPLB and without, then the rearrangement
-    that ends it (window balancedness before -> after, slots changed and received, bytes)."""
+    that ends it (window balancedness before -> after, slots changed and received, bytes;
+    with ``grad_bytes``, also the replica-gradient bytes its placement sends per step)."""
     edges = [0, *(r.step for r in result.rearrangements), result.num_steps]
+    priced = result.grad_bytes > 0
     head = (
         f"{'steps':>13}  {'EPLB':>6}  {'static':>6}  | {'at step':>7}  {'window before->after':>20}  "
         f"{'changed':>8}  {'received':>8}  {'moved':>9}"
-    )
+    ) + (f"  {'grads/step':>10}" if priced else "")
     lines = [head, "-" * len(head)]
     rows = list(range(len(edges) - 1))
     if len(rows) > max_rows > 1:
@@ -322,6 +355,9 @@ def format_table(result: SimulationResult, max_rows: int = 30) -> str:
                 f"{r.step:>7}  {f'{r.balancedness_before:.3f} -> {r.balancedness_after:.3f}':>20}  "
                 f"{r.slots_changed:>8}  {r.slots_received:>8}  {moved:>9}"
             )
+            if priced:
+                grads = format_bytes(r.replica_grad_bytes) if r.replica_grad_bytes else "-"
+                row += f"  {grads:>10}"
         else:
             row += f"{'-':>7}"
         lines.append(row)
@@ -403,6 +439,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="steps to replay (JSON default 1000; trace: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the drift (default 0)")
     p.add_argument("--expert-bytes", type=int, default=0, help="bytes per expert moved (weights + optimizer)")
+    p.add_argument(
+        "--grad-bytes",
+        type=int,
+        default=0,
+        help="bytes of one expert's gradient: adds the replica-gradient bytes the busiest rank sends "
+        "per optimizer step under each new placement",
+    )
     p.add_argument("--plot", type=Path, default=None, help="save a PNG of balancedness over time here")
     p.add_argument("--max-rows", type=int, default=30, help="rows of the table (default 30)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -457,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
             step_interval=args.step_interval,
             window=args.window,
             expert_bytes=args.expert_bytes,
+            grad_bytes=args.grad_bytes,
             progress=not args.no_progress,
         )
     except (ValueError, OSError) as err:

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from lightning_eplb import _rows
 from lightning_eplb._replica_sync import ReplicaIndex, sync_replica_grads_
+from lightning_eplb._sync_cost import sync_rows
 from tests._dist import spawn
 from tests.test_moe import random_placement
 
@@ -161,6 +162,16 @@ def test_plan_symmetric_and_cost() -> None:
                 if t is None:  # the automatic choice is never worse than all-reduce only
                     busiest = max(i.sent_rows for i in index)
                     assert busiest <= index[0].all_reduce_rows + 1e-9, name
+                    # the price the simulator puts on a placement is what the plan sends
+                    assert sync_rows(p2l, counts, len(p2l) // n) == [i.sent_rows for i in index], name
+                # ... and by brute force: each holder sends its sum to every other holder,
+                # experts of more than max_p2p_holders holders go through the all-reduce
+                t_used = index[0].max_p2p_holders
+                ring = 2 * (n - 1) / n
+                for r in range(n):
+                    p2p = sum(len(h) - 1 for e, h in holders.items() if counts[e] > 1 and r in h and len(h) <= t_used)
+                    reduced = sum(1 for e, h in holders.items() if counts[e] > 1 and len(h) > t_used)
+                    assert index[r].sent_rows == pytest.approx(p2p + ring * reduced), (name, r)
 
 
 def test_plan_even_benchmark_placement() -> None:

@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_eplb._replica_sync import ReplicaIndex
 from lightning_eplb.placement import Placement, rebalance
 from lightning_eplb.simulate import (
     _TextProgress,
     balancedness_per_step,
     drifting_loads,
     main,
+    replica_sync_rows,
     simulate,
     slots_received,
 )
@@ -79,10 +81,10 @@ def test_simulate_matches_manual_replay() -> None:
     base = torch.rand(L, E, generator=torch.Generator().manual_seed(5), dtype=torch.float64) ** 3 * 1000
     loads = drifting_loads([base], T, 0.05, seed=6)
     result = simulate(
-        loads, num_ranks=N, num_redundant=R, step_interval=interval, window=window, expert_bytes=10
+        loads, num_ranks=N, num_redundant=R, step_interval=interval, window=window, expert_bytes=10, grad_bytes=3
     )
     current = Placement.contiguous(L, E, E + R, N)
-    want, events = [], []
+    want, events, priced = [], [], []
     for t in range(T):
         want.append(current.balancedness(loads[t]))
         if (t + 1) % interval == 0 and t + 1 < T:
@@ -91,6 +93,7 @@ def test_simulate_matches_manual_replay() -> None:
             events.append(
                 (t + 1, current.balancedness(win), new.balancedness(win), new.num_changed_slots(current))
             )
+            priced.append(3 * replica_sync_rows(new))
             current = new
     torch.testing.assert_close(
         result.balancedness, torch.tensor(want, dtype=torch.float64), rtol=1e-14, atol=0
@@ -107,9 +110,28 @@ def test_simulate_matches_manual_replay() -> None:
     ]
     assert got == events and [r.step for r in result.rearrangements] == [5, 10, 15, 20]
     assert all(r.bytes_moved == 10 * r.slots_received <= 10 * r.slots_changed for r in result.rearrangements)
+    assert [r.replica_grad_bytes for r in result.rearrangements] == priced and min(priced) > 0
     assert torch.equal(result.placement.physical_to_logical, current.physical_to_logical)
     table = result.table()
-    assert "0-4" in table and "20-22" in table and "4 rearrangements" in table
+    assert "0-4" in table and "20-22" in table and "4 rearrangements" in table and "grads/step" in table
+
+
+def test_replica_sync_rows_is_what_the_layers_sync_sends() -> None:
+    """The price the replay puts on a placement: the busiest rank's rows summed over layers,
+    from the very plan each layer's replica-gradient sync runs."""
+    gen = torch.Generator().manual_seed(11)
+    for N, E, P in ((2, 6, 10), (3, 5, 12), (4, 8, 16), (4, 4, 16)):
+        for _ in range(5):
+            pl = _random_placement(gen, 3, E, P, N)
+            per_rank = [
+                sum(
+                    ReplicaIndex.build(p2l, counts, r, P // N).sent_rows
+                    for p2l, counts in zip(pl.physical_to_logical, pl.logical_replica_count, strict=True)
+                )
+                for r in range(N)
+            ]
+            assert replica_sync_rows(pl) == max(per_rank)
+    assert replica_sync_rows(Placement.contiguous(3, 8, 8, 4)) == 0.0  # no replicas: nothing to send
 
 
 def test_simulate_errors() -> None:
@@ -121,6 +143,8 @@ def test_simulate_errors() -> None:
         simulate(torch.ones(3, 2, 4), num_ranks=2, num_redundant=1)
     with pytest.raises(ValueError, match=r"step_interval \(0\) must be >= 1"):
         simulate(torch.ones(3, 2, 4), num_ranks=2, step_interval=0)
+    with pytest.raises(ValueError, match=r"grad_bytes \(-1\) must be >= 0"):
+        simulate(torch.ones(3, 2, 4), num_ranks=2, grad_bytes=-1)
 
 
 @needs_loads
@@ -183,12 +207,13 @@ def test_cli_replays_a_trace_and_plots(tmp_path: Path, capsys: pytest.CaptureFix
         for step in range(12):
             w.add_window(step, torch.randint(0, 50, (2, 8), generator=gen) ** 2)
     args = [str(tmp_path / "t.npz"), "--ranks", "4", "--redundant", "4", "--step-interval", "3"]
-    args += ["--expert-bytes", "1500000", "--no-progress"]
+    args += ["--expert-bytes", "1500000", "--grad-bytes", "2000000", "--no-progress"]
     pytest.importorskip("matplotlib")
     assert main([*args, "--plot", str(tmp_path / "plot.png")]) == 0
     out = capsys.readouterr().out
     assert "replayed 12 steps of 2 layers x 8 experts on 4 ranks" in out and "3 rearrangements" in out
     assert " MB" in out  # slots received x 1.5 MB
+    assert "grads/step" in out  # the replica-gradient bytes of each new placement
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
