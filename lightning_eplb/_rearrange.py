@@ -148,7 +148,8 @@ def report_rearrangement(
     rank_zero_info(
         f"EPLB step {step}: predicted balancedness {before:.3f} -> {after:.3f} "
         f"(measured {record['balancedness_measured']:.3f}); "
-        f"{verb}, {record['bytes_sent'] / 1e6:.1f} MB sent in {record['seconds']:.2f} s"
+        f"{verb}, {record['bytes_sent'] / 1e6:.1f} MB sent in {record['seconds']:.2f} s; "
+        f"replica gradients {record['replica_grad_bytes_max'] / 1e6:.1f} MB per step (busiest rank)"
     )
 
 

@@ -126,6 +126,9 @@ def test_fit_two_ddp_processes_through_console_script(tmp_path: Path) -> None:
     rows = _rows(tmp_path / "logs")
     moved = [float(r["eplb/rearrangement/slots_changed"]) for r in rows if r.get("eplb/rearrangement/slots_changed")]
     assert moved and max(moved) > 0  # the skewed router made EPLB move experts between the 2 ranks
+    # what the placements cost per step, logged and said: replicas on both ranks exchange gradients
+    grads = [float(r["eplb/rearrangement/replica_grad_bytes_max"]) for r in rows if r.get("eplb/rearrangement/replica_grad_bytes_max")]
+    assert grads and max(grads) > 0 and "MB per step (busiest rank)" in proc.stdout + proc.stderr
     bal = [float(r["eplb/balancedness"]) for r in rows if r.get("eplb/balancedness")]
     assert all(0.0 < b <= 1.0 for b in bal) and min(bal) < 1.0
 
