@@ -55,6 +55,14 @@ class _AllToAll(torch.autograd.Function):
         return grad_in, None, None, None
 
 
+def recomputing() -> bool:
+    """Whether this runs inside a backward pass: activation checkpointing
+    (``torch.utils.checkpoint``, reentrant or not) re-running a forward to rebuild what it
+    did not save. Such a forward routes the same tokens again: it must not count them."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)  # private; present since torch 2.0
+    return task_id is not None and task_id() != -1
+
+
 def all_to_all(
     x: Tensor, output_splits: list[int], input_splits: list[int], group: dist.ProcessGroup | None
 ) -> Tensor:

@@ -32,6 +32,7 @@ from lightning_eplb._dispatch import (
     gather_copies,
     inverse_permutation,
     permute_rows,
+    recomputing,
     slot_order,
 )
 from lightning_eplb._grouped import BACKENDS, grouped_swiglu, resolve_backend
@@ -163,7 +164,8 @@ class ExpertParallelMoE(nn.Module):
         self._ep_size, self._ep_rank, self._is_setup = 1, 0, False
         self._pending_sync: PendingSync | None = None
         self.forward_calls = 0
-        """Training forwards with autograd since the callback last reset it (host counter)."""
+        """Training forwards with autograd since the callback last reset it (host counter;
+        a forward that activation checkpointing re-runs in the backward is not counted)."""
         self._refresh_replica_index()
         self._register_load_state_dict_pre_hook(load_state_dict_pre_hook, with_module=True)
         self.register_load_state_dict_post_hook(load_state_dict_post_hook)
@@ -383,7 +385,9 @@ class ExpertParallelMoE(nn.Module):
                     "ExpertParallelMoE still holds all slots on a multi-rank run: call "
                     "setup_expert_parallel() (EplbCallback does it in setup) before the first forward"
                 )
-        if self.training and torch.is_grad_enabled():
+        # activation checkpointing re-runs the forward in the backward: count tokens once
+        counting = self.training and not recomputing()
+        if counting and torch.is_grad_enabled():
             self.forward_calls += 1  # host-side; EplbCallback resets it after each backward
         x_TH = x.reshape(-1, self.hidden_size)
         num_tokens, top_k = x_TH.shape[0], self.top_k
@@ -393,7 +397,7 @@ class ExpertParallelMoE(nn.Module):
 
         expert_C = experts_TK.reshape(-1)
         order_C, slot_sorted_C, count_P = self._sort_by_slot(expert_C)
-        if self.training:
+        if counting:
             self.expert_load.add_(count_P)
 
         # expert weight gradients leave the backward divided by N (DDP's averaging): the

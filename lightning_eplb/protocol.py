@@ -33,7 +33,9 @@ class BalanceableMoE(Protocol):
         logical_to_physical: ``(E, M)`` int64 buffer, slots of each expert padded with -1.
         logical_replica_count: ``(E,)`` int64 buffer, replicas of each expert.
         expert_load: ``(P,)`` buffer counting the token copies this rank routed to each
-            slot since the last :meth:`reset_expert_load` (training-mode forwards only).
+            slot since the last :meth:`reset_expert_load` (training-mode forwards only,
+            once each: not again when activation checkpointing re-runs the forward inside
+            the backward, where ``torch._C._current_graph_task_id() != -1``).
     """
 
     num_logical_experts: int
