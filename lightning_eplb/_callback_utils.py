@@ -72,6 +72,31 @@ def clip_global_norm(
         torch._foreach_mul_(same, coef.to(g_device, g_dtype))
 
 
+def agree_on_nonfinite(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
+    """Under fp16 AMP, make every rank skip an optimizer step together, or none.
+
+    Lightning's ``GradScaler`` decides from this rank's gradients, unscaled just before
+    ``on_before_optimizer_step``. With expert parallelism these include expert gradients
+    no other rank holds (DDP's all-reduce makes the other gradients agree): one rank could
+    skip a step the others take, and ranks and replicas would drift apart. One all-reduce
+    (max) over the world of the scaler's found-inf flag for this optimizer makes the
+    decision common, also for the loss-scale update. No host synchronisation; nothing
+    without a scaler (bf16, fp32) or on one process."""
+    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+    if scaler is None or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    states = getattr(scaler, "_per_optimizer_states", {})  # torch.amp.GradScaler's (private) state
+    found = dict(states[id(optimizer)].get("found_inf_per_device", {})) if id(optimizer) in states else {}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    device = next(iter(found)) if found else params[0].device
+    flag = torch.zeros((), dtype=torch.float32, device=device)  # one tensor on every rank, always
+    for value in found.values():
+        flag = torch.maximum(flag, value.to(device).reshape(()))
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    for value in found.values():
+        value.copy_(flag.to(value.device).reshape(value.shape))
+
+
 def broadcast_from_rank_zero(p2l_LP: Tensor, device: torch.device, failed: bool = False) -> Tensor | None:
     """Rank 0's placement on every rank (guards against nondeterminism), or None on every
     rank if rank 0 says ``failed``. One broadcast of ``L * P + 1`` int64.

@@ -75,6 +75,11 @@ class EplbCallback(Callback):
     parallelism (one small all-reduce per step) and gives ``gradient_clip_val`` back to the
     trainer at the end. Clipping by value needs nothing (replicas carry equal gradients).
 
+    fp16 mixed precision (``precision="16-mixed"``): the ``GradScaler`` decides to skip a
+    step from this rank's gradients, expert gradients included, so the callback makes the
+    decision common to every rank (one all-reduce of the scaler's flag per step, no host
+    synchronisation); otherwise an overflow on one rank would let the ranks drift apart.
+
     Manual optimization: replica gradients are synced when an optimizer holding expert
     parameters is stepped through ``self.optimizers()`` (not the raw optimizer); gradient
     clipping done by hand before ``opt.step()`` sees unsynced gradients.
@@ -331,6 +336,7 @@ class EplbCallback(Callback):
                     layer.sync_replica_grads()
             # the overlap averaged the layers it synced (it gets the DP group whenever D > 1)
             average_over_copies(self.layers, self._layout, skip=synced)
+            utils.agree_on_nonfinite(trainer, optimizer)  # fp16: skip a step on every rank or none
         if self._clip_norm is not None:
             utils.clip_global_norm(optimizer, self.layers, self._clip_norm, self._layout.ep_group)
 
