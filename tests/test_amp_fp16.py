@@ -8,20 +8,16 @@ CPU ``GradScaler``; an overflow is put into one expert gradient of rank 1 at one
 from __future__ import annotations
 
 import os
-import warnings
-from datetime import timedelta
 
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.distributed as dist
 from lightning.pytorch.plugins.precision import MixedPrecision
-from lightning.pytorch.strategies import DDPStrategy
-from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_eplb import EplbCallback
 from tests._dist import spawn
-from tests.test_callback_train import GLOBAL_BATCH, _data, _Net
+from tests.test_callback_train import _fit, _Net
 
 INF_STEP = 3  # rank 1's expert gradient overflows at this optimizer step
 
@@ -55,25 +51,10 @@ class _Record(pl.Callback):
 
 def _run(rank: int, world_size: int, tmp: str) -> None:
     model, record = _Net(), _Record()
-    data = _data()
-    sampler = DistributedSampler(data, num_replicas=world_size, rank=rank, shuffle=False)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=world_size,
-        strategy=DDPStrategy(timeout=timedelta(seconds=60)),
-        plugins=[MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))],
-        max_steps=6,
-        callbacks=[_Overflow(), EplbCallback(step_interval=2, log_every_n_steps=0), record],
-        use_distributed_sampler=False,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(model, DataLoader(data, batch_size=GLOBAL_BATCH // world_size, sampler=sampler))
+    device = "cuda" if os.environ.get("EPLB_TEST_ACCELERATOR") == "gpu" else "cpu"
+    fp16 = MixedPrecision("16-mixed", device, torch.amp.GradScaler(device))
+    callbacks = [_Overflow(), EplbCallback(step_interval=2, log_every_n_steps=0), record]
+    _fit(model, world_size, tmp, callbacks, max_steps=6, plugins=[fp16])
     # every parameter outside the experts is the same on both ranks (DDP's, if no rank
     # stepped alone); expert slots differ by design
     expert = {id(p) for m in model.moes for p in m.expert_tensors()}

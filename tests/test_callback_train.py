@@ -134,6 +134,7 @@ def _fit(
     ckpt_path: str | None = None,
     clip: float | None = 0.5,
     validate: bool = False,
+    plugins: list | None = None,
 ) -> pl.Trainer:
     """Fit on the fixed global batches of ``_data`` (rank r takes rows r, r+N, ...).
 
@@ -164,6 +165,7 @@ def _fit(
         num_sanity_val_steps=0,
         default_root_dir=tmp,
         gradient_clip_val=clip,  # clipping must see the norm of the model without expert parallelism
+        plugins=plugins,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
