@@ -494,29 +494,35 @@ def main() -> None:
     later = {"warmup": 2, "iters": ARGS.iters}  # rounds after the first: the layers are warm
     if ARGS.stack > 0:
         modes = ("after", *ARGS.overlap_modes.split(","))
-        # the layers of a stack start as copies of one (drawing every layer's weights on the
-        # CPU dominates the set-up of deep or wide stacks; the timing does not depend on them)
-        stacks = {}
-        for r in extras:
-            first = even_layer(device, low, r, "auto")
-            stacks[r] = [first] + [copy.deepcopy(first) for _ in range(ARGS.stack - 1)]
+        # a stack's layers are copies of one layer per P (drawing weights on the CPU dominates
+        # the set-up; the timing does not depend on them), made where a stack is timed and
+        # dropped after it: one stack at a time on the GPU, so deep stacks fit
+        firsts = {r: even_layer(device, low, r, "auto") for r in extras}
+
+        def stack_of(redundant: int) -> list[ExpertParallelMoE]:
+            first = firsts[redundant]
+            first.zero_grad(set_to_none=True)  # (copies would take its gradients along)
+            return [first] + [copy.deepcopy(first) for _ in range(ARGS.stack - 1)]
+
         times: dict[str, list[list[float]]] = {mode: [[] for _ in extras] for mode in modes}
         for rnd in range(ARGS.rounds):
             for i, redundant in enumerate(extras):  # P in turn within each round
+                stack = stack_of(redundant)
                 for mode in modes:
                     try:
-                        t = stack_time(stacks[redundant], device, low, mode, **(later if rnd else {}))
+                        t = stack_time(stack, device, low, mode, **(later if rnd else {}))
                     except (AttributeError, RuntimeError) as err:  # e.g. no NCCL config in this torch
                         emit([f"({mode}: {err!r})"])
                         t = float("nan")
                     times[mode][i].append(t)
+                del stack
         identical: list[str] = []
         for redundant in extras:
             # one more step each way, plus a second plain one: the layer the backward reaches
             # first bit for bit, and the whole stack against the run-to-run difference of the
             # plain path (0 since the dispatch's backward has no atomics: the GPU backward
             # is reproducible, so both differences are expected to be 0)
-            stack = stacks[redundant]
+            stack = stack_of(redundant)
             grads = []
             for mode in ("after", "overlap", "after"):
                 stack_time(stack, device, low, mode, warmup=0, iters=1)
@@ -534,7 +540,7 @@ def main() -> None:
             identical.append(
                 f"top layer {same}, stack {diff(over, plain):.1e} vs plain-plain {diff(again, plain):.1e}"
             )
-        del stacks, stack, grads
+        del firsts, stack, grads
         if device.type == "cuda":
             torch.cuda.empty_cache()
         for mode in modes:
