@@ -279,8 +279,13 @@ def profile_table(layer: ExpertParallelMoE, device: torch.device, dtype: torch.d
     return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
 
 
-def timed(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> float:
-    """Mean seconds of ``step()`` over ``iters`` calls after ``warmup``, max over ranks."""
+def timed(
+    step: Callable[[], None], device: torch.device, warmup: int | None = None, iters: int | None = None
+) -> float:
+    """Mean seconds of ``step()`` over ``iters`` calls after ``warmup`` (default: the
+    command line's), max over ranks."""
+    warmup = ARGS.warmup if warmup is None else warmup
+    iters = ARGS.iters if iters is None else iters
     for _ in range(warmup):
         step()
     sync(device)
@@ -320,13 +325,8 @@ def step_time(
 
     if with_sync == "alone":
         step()  # the gradients the sync then works on, summed in place again on every call
-        return timed(
-            layer.sync_replica_grads,
-            device,
-            ARGS.warmup if warmup is None else warmup,
-            ARGS.iters if iters is None else iters,
-        )
-    return timed(step, device, ARGS.warmup if warmup is None else warmup, ARGS.iters if iters is None else iters)
+        return timed(layer.sync_replica_grads, device, warmup, iters)
+    return timed(step, device, warmup, iters)
 
 
 _GROUPS: dict[str, dist.ProcessGroup] = {}
@@ -405,9 +405,7 @@ def stack_time(
             layer.reset_expert_load()
 
     try:
-        return timed(
-            step, device, ARGS.warmup if warmup is None else warmup, ARGS.iters if iters is None else iters
-        )
+        return timed(step, device, warmup, iters)
     finally:
         if scheduler is not None:
             scheduler.remove()

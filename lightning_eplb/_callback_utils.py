@@ -145,19 +145,11 @@ def reduce_stats(
 
 
 def replica_grad_bytes(layers: Sequence[tuple[str, Any]]) -> float:
-    """Bytes this rank sends per optimizer step to sum the gradients of its replicated
-    experts with their other holders, under the placement in force, over the
-    :class:`~lightning_eplb.ExpertParallelMoE` layers (a layer that only implements the
-    protocol syncs its own way and counts 0). The average over copies of expert parallelism
-    inside data parallelism is not counted: it exists without replicas too."""
-    total = 0.0
-    for _, layer in layers:
-        index = getattr(layer, "_replicas", None)
-        if index is None:
-            continue
-        row_bytes = sum(t[0].numel() * t.element_size() for t in layer.expert_tensors())
-        total += index.sent_rows * row_bytes
-    return total
+    """Bytes this rank sends per optimizer step to sum replica gradients, over the layers
+    that say it (:meth:`ExpertParallelMoE.replica_grad_bytes`; a layer that only implements
+    the protocol syncs its own way and counts 0). The average over copies of expert
+    parallelism inside data parallelism is not counted: it exists without replicas too."""
+    return sum(float(layer.replica_grad_bytes()) for _, layer in layers if hasattr(layer, "replica_grad_bytes"))
 
 
 def plot_option(value: bool) -> bool:

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_eplb._rows import Pair, Rows, message_sizes
-from lightning_eplb._sync_cost import holders_of, pick_max_p2p_holders
+from lightning_eplb._sync_cost import holders_of, pick_max_p2p_holders, ring_rows
 from lightning_eplb.placement import on_host
 
 
@@ -157,7 +157,7 @@ class ReplicaIndex:
         holders = holders_of(p2l, replica_count.to(torch.int64).tolist(), num_slots)
         replicated = list(holders)  # increasing
         is_rep = set(replicated)
-        ring = 2.0 * (num_ranks - 1) / num_ranks
+        ring = ring_rows(num_ranks)
         if max_p2p_holders is None:
             max_p2p_holders = pick_max_p2p_holders(holders, num_ranks)
         elif max_p2p_holders < 1:
@@ -250,7 +250,7 @@ class ReplicaIndex:
             num_all_reduce=len(all_reduced),
             max_p2p_holders=t,
             sent_rows=float(sent),
-            all_reduce_rows=ring * len(replicated) if num_ranks > 1 else 0.0,
+            all_reduce_rows=ring * len(replicated),
         )
 
     def on(self, device: torch.device) -> _DeviceIndex:
@@ -262,6 +262,7 @@ class ReplicaIndex:
             def rows(k: Tensor) -> Rows:
                 return Rows.of(base[k], device)
 
+            ar_in = Pair.of(self.ar_pos, base[self.ar_rows], device)
             self._on_device[device] = _DeviceIndex(
                 local_slots=Rows.of(self.local_slots, device),
                 local_rows=Rows.of(self.local_rows, device),
@@ -271,8 +272,8 @@ class ReplicaIndex:
                 pre_rows=rows(self.pre_rows),
                 pre_first=Rows.of(self.pre_first, device),
                 pre_adds=tuple(Pair.of(b, z, device) for b, z in self.pre_adds),
-                ar_in=Pair.of(self.ar_pos, base[self.ar_rows], device),
-                ar_out=Pair.of(base[self.ar_rows], self.ar_pos, device),
+                ar_in=ar_in,
+                ar_out=ar_in.flipped(),
             )
         return self._on_device[device]
 

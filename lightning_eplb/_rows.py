@@ -101,6 +101,11 @@ class Pair:
         fits = len(segments) <= MAX_RUNS
         return cls(Rows.of(dst, device), Rows.of(src, device), tuple(segments) if fits else None)
 
+    def flipped(self) -> Pair:
+        """The same rows the other way: ``src[src_rows] op= dst[dst_rows]``."""
+        segments = None if self.segments is None else tuple((s, d, n) for d, s, n in self.segments)
+        return Pair(self.src, self.dst, segments)
+
     def add(self, dst: Tensor, src: Tensor) -> None:
         """``dst[dst_rows] += src[src_rows]``."""
         self._apply(dst, src, add=True)

@@ -23,6 +23,12 @@ def holders_of(p2l: Sequence[int], replica_count: Sequence[int], num_slots: int)
     return holders
 
 
+def ring_rows(num_ranks: int) -> float:
+    """Rows one rank sends per row of an all-reduce over ``num_ranks`` (ring: reduce-scatter
+    then all-gather)."""
+    return 2.0 * (num_ranks - 1) / num_ranks
+
+
 def rows_per_rank(holders: dict[int, list[int]], num_ranks: int, t: int) -> list[float]:
     """Expert-sized rows each rank sends per sync when experts held by at most ``t`` ranks
     go point-to-point (each holder to every other) and the rest through one all-reduce
@@ -35,8 +41,7 @@ def rows_per_rank(holders: dict[int, list[int]], num_ranks: int, t: int) -> list
         else:
             for r in hs:
                 per_rank[r] += len(hs) - 1
-    ring = 2.0 * (num_ranks - 1) / num_ranks
-    return [rows + ring * all_reduced for rows in per_rank]
+    return [rows + ring_rows(num_ranks) * all_reduced for rows in per_rank]
 
 
 def pick_max_p2p_holders(holders: dict[int, list[int]], num_ranks: int) -> int:

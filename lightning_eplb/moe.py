@@ -322,6 +322,12 @@ class ExpertParallelMoE(nn.Module):
                 self.expert_tensors(), self._replicas, group, finish_early=True, copies_group=copies_group
             )
 
+    def replica_grad_bytes(self) -> float:
+        """Bytes this rank sends per optimizer step to sum the gradients of its replicated
+        experts with their other holders, under the placement in force (the sync's plan)."""
+        row_bytes = sum(t[0].numel() * t.element_size() for t in self.expert_tensors())
+        return self._replicas.sent_rows * row_bytes
+
     def reset_expert_load(self) -> None:
         """Zero ``expert_load`` in place."""
         self.expert_load.zero_()

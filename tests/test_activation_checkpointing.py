@@ -16,7 +16,14 @@ from torch.utils.checkpoint import checkpoint
 
 from lightning_eplb import EplbCallback, ExpertParallelMoE
 from tests._dist import spawn
-from tests.test_callback_train import _decisions, _fit, _global_losses, _Net, counting_launches, reference_losses
+from tests.test_callback_train import (
+    _decisions,
+    _fit,
+    _global_losses,
+    _Net,
+    counting_launches,
+    reference_losses,
+)
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])

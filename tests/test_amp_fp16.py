@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 
 import lightning.pytorch as pl
-import pytest
 import torch
 import torch.distributed as dist
 from lightning.pytorch.plugins.precision import MixedPrecision
@@ -20,11 +19,6 @@ from tests._dist import spawn
 from tests.test_callback_train import _fit, _Net
 
 INF_STEP = 3  # rank 1's expert gradient overflows at this optimizer step
-
-needs_cpu_scaler = pytest.mark.skipif(
-    not hasattr(torch.amp, "GradScaler"), reason="torch.amp.GradScaler('cpu') needs torch >= 2.3"
-)
-
 
 class _Overflow(pl.Callback):
     """Before the scaler looks (on_after_backward runs inside the closure): an inf in one
@@ -65,7 +59,6 @@ def _run(rank: int, world_size: int, tmp: str) -> None:
     torch.save(out, os.path.join(tmp, f"fp16-{rank}.pt"))
 
 
-@needs_cpu_scaler
 def test_an_overflow_on_one_rank_skips_the_step_on_every_rank(tmp_path) -> None:
     spawn(_run, world_size=2, args=(str(tmp_path),), timeout_s=240, init=False)
     runs = [torch.load(tmp_path / f"fp16-{r}.pt") for r in range(2)]
